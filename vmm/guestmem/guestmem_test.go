@@ -1,0 +1,85 @@
+package guestmem
+
+import (
+	"errors"
+	"testing"
+)
+
+func TestLayoutSplitsAroundHole(t *testing.T) {
+	rs := Layout(4 << 30)
+	if len(rs) != 2 || rs[0].GPA != 0 || rs[0].Size != 3<<30 || rs[1].GPA != 4<<30 || rs[1].Size != 1<<30 {
+		t.Fatalf("Layout(4GiB) = %+v", rs)
+	}
+	if rs := Layout(1 << 30); len(rs) != 1 || rs[0].Size != 1<<30 {
+		t.Fatalf("Layout(1GiB) = %+v", rs)
+	}
+}
+
+func TestNewRejectsBadSizes(t *testing.T) {
+	for _, s := range []uint64{0, 100, MaxSize + PageSize} {
+		_, err := New(s)
+		var se *SizeError
+		if !errors.As(err, &se) {
+			t.Errorf("New(%d) = %v, want *SizeError", s, err)
+		}
+	}
+}
+
+func TestAccessorsCheckBounds(t *testing.T) {
+	m, err := New(1 << 20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if err := m.PutUint64(0x1000, 0x1122334455667788); err != nil {
+		t.Fatal(err)
+	}
+	v, err := m.Uint64(0x1000)
+	if err != nil || v != 0x1122334455667788 {
+		t.Fatalf("Uint64 = %#x, %v", v, err)
+	}
+	if v, _ := m.Uint16(0x1000); v != 0x7788 {
+		t.Fatalf("Uint16 = %#x", v)
+	}
+	bad := []struct{ gpa, n uint64 }{
+		{1 << 20, 1}, {1<<20 - 1, 2}, {^uint64(0), 2}, {0, 1<<20 + 1}, {^uint64(0) - 1, 4},
+	}
+	for _, b := range bad {
+		_, err := m.Slice(b.gpa, b.n)
+		if !errors.Is(err, ErrOutOfRange) {
+			t.Errorf("Slice(%#x, %d) = %v, want ErrOutOfRange", b.gpa, b.n, err)
+		}
+	}
+	if _, err := m.Slice(1<<20-8, 8); err != nil {
+		t.Errorf("last 8 bytes: %v", err)
+	}
+	if err := m.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Close(); err != nil {
+		t.Fatalf("second Close: %v", err)
+	}
+	if _, err := m.Slice(0, 8); !errors.Is(err, ErrClosed) {
+		t.Fatalf("after Close: %v", err)
+	}
+}
+
+func FuzzSlice(f *testing.F) {
+	m, err := New(64 << 10)
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Cleanup(func() { m.Close() })
+	f.Add(uint64(0), uint64(8))
+	f.Add(uint64(64<<10-1), uint64(2))
+	f.Add(^uint64(0), ^uint64(0))
+	f.Fuzz(func(t *testing.T, gpa, n uint64) {
+		b, err := m.Slice(gpa, n)
+		if err == nil && uint64(len(b)) != n {
+			t.Fatalf("len %d, want %d", len(b), n)
+		}
+		if err == nil && (gpa > 64<<10 || n > 64<<10-gpa) {
+			t.Fatalf("accepted [%#x,+%d)", gpa, n)
+		}
+	})
+}
