@@ -1,0 +1,129 @@
+package linuxboot
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"testing"
+
+	"github.com/gosandbox/sandbox/vmm/guestmem"
+)
+
+// typed reports whether err is one of the package's typed errors.
+func typed(err error) bool {
+	return errors.Is(err, ErrFormat) || errors.Is(err, ErrCmdlineTooLong) || errors.Is(err, ErrInitrdTooLarge)
+}
+
+func FuzzParseBzImage(f *testing.F) {
+	for _, c := range []Compression{Zstd, Gzip, XZ, LZ4, LZMA} {
+		f.Add(makeBzImage(compress(f, c, testKernel())))
+	}
+	f.Add(makeBzImage(sizeAppend([]byte("\x28\xb5\x2f\xfd garbage"), 100)))
+	f.Add([]byte{})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		z, err := ParseBzImage(b)
+		if err != nil {
+			if !errors.Is(err, ErrFormat) {
+				t.Fatalf("untyped error %v", err)
+			}
+			return
+		}
+		if len(z.Header.Raw) < setupHeaderMin-offSetupSects || len(z.Payload()) != int(z.Header.PayloadLength) {
+			t.Fatalf("inconsistent header %+v", z.Header)
+		}
+		v, err := z.VmlinuxLimit(4 << 20)
+		if err != nil {
+			if !errors.Is(err, ErrFormat) {
+				t.Fatalf("untyped error %v", err)
+			}
+			return
+		}
+		if len(v) > 4<<20 || !IsELF(v) {
+			t.Fatalf("Vmlinux returned %d bytes", len(v))
+		}
+	})
+}
+
+func FuzzLoadELF(f *testing.F) {
+	f.Add(testKernel())
+	f.Add(makeELF(0xffffffff81000010, testSeg{paddr: 0x1000000, vaddr: 0xffffffff81000000, data: make([]byte, 64)}))
+	f.Add(makeELF(0x100000, testSeg{paddr: 0x100000, data: []byte{1, 2, 3}, memsz: 1 << 20}, testSeg{paddr: 0x300000, data: []byte{4}}))
+	f.Add([]byte("\x7fELF"))
+	mem, err := guestmem.New(32 << 20)
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Cleanup(func() { mem.Close() })
+	f.Fuzz(func(t *testing.T, b []byte) {
+		l, err := LoadELF(mem, bytes.NewReader(b), int64(len(b)), Config{Cmdline: "console=ttyS0", Initrd: []byte("07070")})
+		if err != nil {
+			if !typed(err) {
+				t.Fatalf("untyped error %v", err)
+			}
+			return
+		}
+		if l.KernelStart < HighMemStart || l.KernelEnd > mem.End() || l.Entry < l.KernelStart || l.Entry >= l.KernelEnd {
+			t.Fatalf("loaded outside the checked range: %+v", l)
+		}
+		if l.InitrdAddr < l.KernelEnd && l.InitrdAddr+l.InitrdSize > l.KernelStart {
+			t.Fatalf("initrd overlaps the kernel: %+v", l)
+		}
+	})
+}
+
+func FuzzBootParams(f *testing.F) {
+	z, err := ParseBzImage(makeBzImage(compress(f, Zstd, testKernel())))
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add([]byte(nil), "console=ttyS0", uint32(256<<8), uint32(4096), uint64(16<<20), uint64(1<<20))
+	f.Add(z.Header.Raw, "quiet", uint32(5<<18), uint32(1<<20), uint64(16<<20), uint64(40<<20))
+	f.Add(z.Header.Raw, "", uint32(300), uint32(1<<30), uint64(1<<20), uint64(1<<30))
+	f.Fuzz(func(t *testing.T, hdr []byte, cmdline string, pages uint32, initrd uint32, kStart, kLen uint64) {
+		if len(hdr) == 0 {
+			hdr = nil
+		}
+		if pages == 0 || initrd > 64<<20 {
+			return
+		}
+		size := uint64(pages) * guestmem.PageSize
+		regions := guestmem.Layout(min(size, guestmem.MaxSize))
+		kEnd := kStart + kLen
+		if kEnd < kStart {
+			return
+		}
+		p, err := planBoot(regions, kStart, kEnd, Config{Cmdline: cmdline, SetupHeader: hdr, Initrd: make([]byte, initrd)}, 0)
+		if err != nil {
+			if !typed(err) {
+				t.Fatalf("untyped error %v", err)
+			}
+			return
+		}
+		zp := p.zeroPage[:]
+		le := binary.LittleEndian
+		if le.Uint32(zp[offHeader:]) != hdrSMagic || le.Uint32(zp[offCmdLinePtr:]) != CmdlineAddr || zp[offTypeOfLoader] != 0xff {
+			t.Fatal("zero page misses required fields")
+		}
+		if len(p.cmdline) != len(cmdline)+1 || len(p.cmdline) > CmdlineMax {
+			t.Fatalf("command line of %d bytes", len(p.cmdline))
+		}
+		n := int(zp[offE820Entries])
+		if n != len(p.e820) || n > MaxE820Entries {
+			t.Fatalf("%d e820 entries, plan has %d", n, len(p.e820))
+		}
+		for i, e := range p.e820 {
+			if i > 0 && e.Addr < p.e820[i-1].Addr+p.e820[i-1].Size {
+				t.Fatalf("e820 not sorted or overlapping: %+v", p.e820)
+			}
+		}
+		if initrd > 0 {
+			a, end := p.initrdAddr, p.initrdAddr+uint64(initrd)
+			if a < HighMemStart || a%guestmem.PageSize != 0 || end > regions[0].Size || (a < kEnd && end > kStart) {
+				t.Fatalf("initrd [%#x, %#x) misplaced (RAM %#x, kernel [%#x, %#x))", a, end, regions[0].Size, kStart, kEnd)
+			}
+			if uint64(le.Uint32(zp[offRamdiskImage:]))|uint64(le.Uint32(zp[offExtRamdiskImage:]))<<32 != a {
+				t.Fatal("ramdisk_image does not match the plan")
+			}
+		}
+	})
+}
