@@ -1,0 +1,34 @@
+// Package netstack is the network of one sandbox: a user-space TCP/IP stack
+// (gVisor's pkg/tcpip, pinned to a "go" branch pseudo-version) that plays the
+// guest's gateway behind its virtio-net device.
+//
+// The guest sees an Ethernet link with one peer, the gateway. Every TCP and
+// UDP flow the guest opens is terminated in that stack and re-originated from
+// an ordinary host socket (net.Dialer with a context), so the sandbox needs no
+// TAP device, no root and no host NAT. ICMP echo is relayed through
+// unprivileged ICMP sockets where the host allows them
+// (net.ipv4.ping_group_range). IPv4 and IPv6 both work end to end.
+//
+// Each flow is checked, fail-closed, against a Policy: an ordered list of
+// rules ("allow@public", "deny:egress@*.example.com:tcp:443",
+// "allow@host:tcp:8080", ...) where the first match wins, with a default per
+// direction. The default egress policy allows the public internet only. Domain
+// rules match only addresses this sandbox resolved for that name through the
+// gateway's DNS (DNS pinning). The gateway's DNS forwards to the host's
+// resolvers, answers blocked names with NXDOMAIN and drops private answers
+// unless an address rule allows them (rebind protection). Published ports are
+// host listeners that connect into the guest through the stack. Token buckets
+// limit bandwidth and packet rate per direction; a counter caps concurrent
+// flows.
+//
+// The boundary with the virtio-net device is raw Ethernet frames:
+// (*Network).DeliverFrame takes a guest→host frame and a FrameWriter receives
+// host→guest frames. GuestConfig is what the guest agent needs to configure
+// the interface.
+//
+// What is hand-written here, and why: the flow proxy, policy, DNS filter and
+// rate limits are this project's semantics and no library offers them; the
+// link endpoint is small and purpose-built because gVisor's channel endpoint
+// clones every packet and drops when its queue is full. DNS messages are
+// parsed and built with golang.org/x/net/dns/dnsmessage, never by hand.
+package netstack

@@ -1,0 +1,459 @@
+package netstack
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"golang.org/x/net/dns/dnsmessage"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/network/arp"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/icmp"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
+)
+
+// testGuest is a second gVisor stack playing the guest, wired frame to frame
+// to a Network through two queues (as a virtio ring pair would be).
+type testGuest struct {
+	t     testing.TB
+	n     *Network
+	cfg   GuestConfig
+	s     *stack.Stack
+	ep    *linkEndpoint
+	toNet chan []byte
+	toGst chan []byte
+	done  chan struct{}
+	wg    sync.WaitGroup
+	once  sync.Once
+}
+
+// newTestNetwork starts a Network and a guest stack attached to it. Both are
+// closed by t.Cleanup.
+func newTestNetwork(t testing.TB, cfg Config) (*Network, *testGuest) {
+	t.Helper()
+	if cfg.Name == "" {
+		cfg.Name = t.Name()
+	}
+	if len(cfg.DNS.Servers) == 0 && cfg.DNS.ResolvConf == "" {
+		cfg.DNS.ResolvConf = "/nonexistent" // no upstream unless the test sets one
+	}
+	n, err := New(cfg)
+	if err != nil {
+		t.Fatalf("New() = %v", err)
+	}
+	g := attachGuest(t, n)
+	t.Cleanup(func() {
+		g.stop()
+		n.Close()
+	})
+	return n, g
+}
+
+func attachGuest(t testing.TB, n *Network) *testGuest {
+	g := &testGuest{
+		t: t, n: n, cfg: n.Guest(),
+		toNet: make(chan []byte, 4096),
+		toGst: make(chan []byte, 4096),
+		done:  make(chan struct{}),
+	}
+	n.SetOutput(FrameWriterFunc(func(f []byte) error {
+		select {
+		case g.toGst <- append([]byte(nil), f...):
+			return nil
+		default:
+			return errors.New("guest ring full")
+		}
+	}))
+	g.ep = newLinkEndpoint(uint32(g.cfg.MTU), tcpip.LinkAddress(g.cfg.MAC), func(f []byte) bool {
+		select {
+		case g.toNet <- append([]byte(nil), f...):
+			return true
+		default:
+			return false
+		}
+	})
+	g.s = stack.New(stack.Options{
+		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, ipv6.NewProtocol, arp.NewProtocol},
+		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol, icmp.NewProtocol4, icmp.NewProtocol6},
+	})
+	sack := tcpip.TCPSACKEnabled(true)
+	g.s.SetTransportProtocolOption(tcp.ProtocolNumber, &sack)
+	if err := g.s.CreateNIC(1, g.ep); err != nil {
+		t.Fatalf("guest CreateNIC: %v", err)
+	}
+	must := func(err tcpip.Error) {
+		t.Helper()
+		if err != nil {
+			t.Fatalf("guest stack setup: %v", err)
+		}
+	}
+	must(g.s.AddProtocolAddress(1, tcpip.ProtocolAddress{Protocol: ipv4.ProtocolNumber,
+		AddressWithPrefix: tcpip.AddressWithPrefix{Address: tcpip.AddrFrom4(g.cfg.IPv4.Addr().As4()), PrefixLen: 30}}, stack.AddressProperties{}))
+	routes := []tcpip.Route{
+		{Destination: subnet(g.cfg.IPv4), NIC: 1},
+		{Destination: header.IPv4EmptySubnet, Gateway: tcpip.AddrFrom4(g.cfg.GatewayIPv4.As4()), NIC: 1},
+	}
+	if g.cfg.IPv6.IsValid() {
+		must(g.s.AddProtocolAddress(1, tcpip.ProtocolAddress{Protocol: ipv6.ProtocolNumber,
+			AddressWithPrefix: tcpip.AddressWithPrefix{Address: tcpip.AddrFrom16(g.cfg.IPv6.Addr().As16()), PrefixLen: 64}}, stack.AddressProperties{}))
+		routes = append(routes,
+			tcpip.Route{Destination: subnet(g.cfg.IPv6), NIC: 1},
+			tcpip.Route{Destination: header.IPv6EmptySubnet, Gateway: tcpip.AddrFrom16(g.cfg.GatewayIPv6.As16()), NIC: 1})
+	}
+	g.s.SetRouteTable(routes)
+	g.wg.Add(2)
+	go func() {
+		defer g.wg.Done()
+		for {
+			select {
+			case f := <-g.toNet:
+				n.DeliverFrame(f)
+			case <-g.done:
+				return
+			}
+		}
+	}()
+	go func() {
+		defer g.wg.Done()
+		for {
+			select {
+			case f := <-g.toGst:
+				g.ep.deliver(f)
+			case <-g.done:
+				return
+			}
+		}
+	}()
+	return g
+}
+
+func (g *testGuest) stop() {
+	g.once.Do(func() {
+		close(g.done)
+		g.wg.Wait()
+		g.s.Destroy()
+	})
+}
+
+func (g *testGuest) proto(a netip.Addr) tcpip.NetworkProtocolNumber {
+	if a.Is4() {
+		return ipv4.ProtocolNumber
+	}
+	return ipv6.ProtocolNumber
+}
+
+func fullAddr(ap netip.AddrPort) tcpip.FullAddress {
+	a := ap.Addr()
+	if a.Is4() {
+		return tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFrom4(a.As4()), Port: ap.Port()}
+	}
+	return tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFrom16(a.As16()), Port: ap.Port()}
+}
+
+// dialTCP connects from the guest.
+func (g *testGuest) dialTCP(ap netip.AddrPort) (*gonet.TCPConn, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	return gonet.DialContextTCP(ctx, g.s, fullAddr(ap), g.proto(ap.Addr()))
+}
+
+func (g *testGuest) dialUDP(ap netip.AddrPort) (*gonet.UDPConn, error) {
+	fa := fullAddr(ap)
+	return gonet.DialUDP(g.s, nil, &fa, g.proto(ap.Addr()))
+}
+
+// resolver returns a Go resolver that sends the guest's queries to the
+// gateway over the guest stack.
+func (g *testGuest) resolver(useTCP bool) *net.Resolver {
+	return &net.Resolver{
+		PreferGo: true,
+		Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			ap := netip.AddrPortFrom(g.cfg.GatewayIPv4, 53)
+			if useTCP || network == "tcp" {
+				return gonet.DialContextTCP(ctx, g.s, fullAddr(ap), ipv4.ProtocolNumber)
+			}
+			return g.dialUDP(ap)
+		},
+	}
+}
+
+// lookup resolves name through the gateway and returns its addresses.
+func (g *testGuest) lookup(name string) ([]netip.Addr, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	return g.resolver(false).LookupNetIP(ctx, "ip", name)
+}
+
+// echoServer is a TCP echo server on loopback that counts connections.
+type echoServer struct {
+	ln       net.Listener
+	accepted atomic.Int64
+	received atomic.Int64
+	wg       sync.WaitGroup
+	sink     bool
+}
+
+func startEcho(t testing.TB, addr string, sink bool) *echoServer {
+	t.Helper()
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		t.Skipf("cannot listen on %s: %v", addr, err)
+	}
+	e := &echoServer{ln: ln, sink: sink}
+	e.wg.Add(1)
+	go func() {
+		defer e.wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			e.accepted.Add(1)
+			e.wg.Add(1)
+			go func() {
+				defer e.wg.Done()
+				defer c.Close()
+				buf := make([]byte, 256<<10)
+				for {
+					nr, err := c.Read(buf)
+					e.received.Add(int64(nr))
+					if nr > 0 && !e.sink {
+						if _, werr := c.Write(buf[:nr]); werr != nil {
+							return
+						}
+					}
+					if err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		e.wg.Wait()
+	})
+	return e
+}
+
+func (e *echoServer) port() uint16 { return uint16(e.ln.Addr().(*net.TCPAddr).Port) }
+
+// startUDPEcho runs a UDP echo server on addr and counts datagrams.
+func startUDPEcho(t testing.TB, addr string) (*net.UDPConn, *atomic.Int64) {
+	t.Helper()
+	pc, err := net.ListenPacket("udp", addr)
+	if err != nil {
+		t.Skipf("cannot listen on %s: %v", addr, err)
+	}
+	uc := pc.(*net.UDPConn)
+	var count atomic.Int64
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		buf := make([]byte, 65536)
+		for {
+			nr, from, err := uc.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				return
+			}
+			count.Add(1)
+			uc.WriteToUDPAddrPort(buf[:nr], from)
+		}
+	}()
+	t.Cleanup(func() { uc.Close(); <-done })
+	return uc, &count
+}
+
+// testResolver is a real DNS server on 127.0.0.1 (UDP and TCP) answering a
+// fixed zone with dnsmessage.
+type testResolver struct {
+	zone    map[string][]netip.Addr
+	queries atomic.Int64
+	asked   sync.Map // name -> true
+	addr    netip.AddrPort
+}
+
+func startResolver(t testing.TB, zone map[string][]netip.Addr) *testResolver {
+	t.Helper()
+	r := &testResolver{zone: zone}
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.addr = pc.LocalAddr().(*net.UDPAddr).AddrPort()
+	ln, err := net.Listen("tcp", r.addr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		buf := make([]byte, 65536)
+		for {
+			nr, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			if resp := r.respond(buf[:nr]); resp != nil {
+				pc.WriteTo(resp, from)
+			}
+		}
+	}()
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer c.Close()
+				var lb [2]byte
+				if _, err := io.ReadFull(c, lb[:]); err != nil {
+					return
+				}
+				q := make([]byte, binary.BigEndian.Uint16(lb[:]))
+				if _, err := io.ReadFull(c, q); err != nil {
+					return
+				}
+				resp := r.respond(q)
+				out := binary.BigEndian.AppendUint16(nil, uint16(len(resp)))
+				c.Write(append(out, resp...))
+			}()
+		}
+	}()
+	t.Cleanup(func() {
+		pc.Close()
+		ln.Close()
+		wg.Wait()
+	})
+	return r
+}
+
+func (r *testResolver) respond(q []byte) []byte {
+	var m dnsmessage.Message
+	if err := m.Unpack(q); err != nil || len(m.Questions) != 1 {
+		return nil
+	}
+	r.queries.Add(1)
+	qq := m.Questions[0]
+	name := qq.Name.String()
+	r.asked.Store(name, true)
+	out := dnsmessage.Message{
+		Header:    dnsmessage.Header{ID: m.ID, Response: true, Authoritative: true, RecursionDesired: m.RecursionDesired},
+		Questions: m.Questions,
+	}
+	addrs, ok := r.zone[name]
+	if !ok {
+		out.RCode = dnsmessage.RCodeNameError
+	}
+	for _, a := range addrs {
+		h := dnsmessage.ResourceHeader{Name: qq.Name, Class: dnsmessage.ClassINET, TTL: 300}
+		switch {
+		case a.Is4() && qq.Type == dnsmessage.TypeA:
+			h.Type = dnsmessage.TypeA
+			out.Answers = append(out.Answers, dnsmessage.Resource{Header: h, Body: &dnsmessage.AResource{A: a.As4()}})
+		case a.Is6() && qq.Type == dnsmessage.TypeAAAA:
+			h.Type = dnsmessage.TypeAAAA
+			out.Answers = append(out.Answers, dnsmessage.Resource{Header: h, Body: &dnsmessage.AAAAResource{AAAA: a.As16()}})
+		}
+	}
+	b, err := out.Pack()
+	if err != nil {
+		return nil
+	}
+	return b
+}
+
+func (r *testResolver) wasAsked(name string) bool {
+	_, ok := r.asked.Load(name)
+	return ok
+}
+
+// mapDialer maps addresses the guest dials (e.g. documentation-range
+// "public" addresses) to loopback servers and records every attempt. It
+// refuses anything else that is not loopback, so tests never leave the host.
+type mapDialer struct {
+	mu    sync.Mutex
+	m     map[string]string
+	tried []string
+}
+
+func (d *mapDialer) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
+	d.mu.Lock()
+	d.tried = append(d.tried, network+" "+address)
+	to, ok := d.m[address]
+	d.mu.Unlock()
+	if !ok {
+		ap, err := netip.ParseAddrPort(address)
+		if err != nil || !ap.Addr().IsLoopback() {
+			return nil, fmt.Errorf("mapDialer: %s is not mapped to loopback", address)
+		}
+		to = address
+	}
+	var nd net.Dialer
+	return nd.DialContext(ctx, network, to)
+}
+
+func (d *mapDialer) attempts() []string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return append([]string(nil), d.tried...)
+}
+
+// roundTrip writes msg on c and reads the same number of bytes back.
+func roundTrip(c net.Conn, msg []byte) ([]byte, error) {
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.Write(msg); err != nil {
+		return nil, err
+	}
+	got := make([]byte, len(msg))
+	_, err := io.ReadFull(c, got)
+	return got, err
+}
+
+// fakeClock is a Clock whose Sleep advances time at once.
+type fakeClock struct {
+	mu    sync.Mutex
+	now   time.Time
+	slept time.Duration
+}
+
+func newFakeClock() *fakeClock { return &fakeClock{now: time.Unix(1_700_000_000, 0)} }
+
+func (c *fakeClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.now
+}
+
+func (c *fakeClock) Sleep(ctx context.Context, d time.Duration) error {
+	c.mu.Lock()
+	c.now = c.now.Add(d)
+	c.slept += d
+	c.mu.Unlock()
+	return ctx.Err()
+}
+
+func (c *fakeClock) total() time.Duration {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.slept
+}
