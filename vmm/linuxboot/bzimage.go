@@ -6,7 +6,6 @@ import (
 	"compress/gzip"
 	"encoding/binary"
 	"errors"
-	"fmt"
 	"io"
 
 	"github.com/klauspost/compress/zstd"
@@ -279,19 +278,20 @@ func Decompress(payload []byte, limit int64) ([]byte, error) {
 	case Bzip2:
 		out, err = readCapped(bzip2.NewReader(bytes.NewReader(stream)), size)
 	case XZ:
+		// The kernel's own xz payloads use the x86 BCJ filter, which
+		// github.com/ulikunitz/xz does not implement: limitXZHeader
+		// reports that as ErrUnsupported.
+		if stream, err = limitXZHeader(stream, size); err != nil {
+			return nil, err
+		}
 		var r *xz.Reader
 		r, err = xz.ReaderConfig{SingleStream: true}.NewReader(bytes.NewReader(stream))
 		if err == nil {
 			out, err = readCapped(r, size)
 		}
-		if err != nil && !errors.Is(err, ErrTooLarge) {
-			// The kernel's own xz payloads use the x86 BCJ filter, which
-			// github.com/ulikunitz/xz does not implement.
-			err = fmt.Errorf("%w (xz payloads with the BCJ filter are not supported: rebuild with CONFIG_KERNEL_ZSTD or pass a vmlinux)", err)
-		}
 	case LZMA:
 		var r *lzma.Reader
-		r, err = lzma.NewReader(bytes.NewReader(stream))
+		r, err = lzma.NewReader(bytes.NewReader(limitLZMAHeader(stream, size)))
 		if err == nil {
 			out, err = readCapped(r, size)
 		}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"math/rand"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"reflect"
 	"strings"
@@ -540,3 +541,51 @@ func BenchmarkDecompressZstd(b *testing.B) {
 }
 
 var _ = zstd.MaxWindowSize
+
+// TestKernelStyleCLI compresses with the command-line tools the kernel build
+// uses (same flags as scripts/Makefile.lib), when they are installed.
+func TestKernelStyleCLI(t *testing.T) {
+	want := append(testKernel(), make([]byte, 3000)...)
+	cases := []struct {
+		tool string
+		args []string
+		c    Compression
+		err  error
+	}{
+		{"xz", []string{"--check=crc32", "--x86", "--lzma2=dict=32MiB", "-c"}, XZ, ErrUnsupported},
+		{"xz", []string{"--check=crc32", "--lzma2=dict=32MiB", "-c"}, XZ, nil},
+		{"lzma", []string{"-9", "-c"}, LZMA, nil},
+		{"bzip2", []string{"-9", "-c"}, Bzip2, nil},
+		{"gzip", []string{"-n", "-9", "-c"}, Gzip, nil},
+		{"zstd", []string{"-22", "--ultra", "-c", "-q"}, Zstd, nil},
+		{"lz4", []string{"-l", "-9", "-c"}, LZ4, nil},
+	}
+	for _, c := range cases {
+		t.Run(c.tool+strings.Join(c.args, ""), func(t *testing.T) {
+			path, err := exec.LookPath(c.tool)
+			if err != nil {
+				t.Skipf("%s not installed", c.tool)
+			}
+			cmd := exec.Command(path, c.args...)
+			cmd.Stdin = bytes.NewReader(want)
+			out, err := cmd.Output()
+			if err != nil {
+				t.Fatal(err)
+			}
+			p := sizeAppend(out, len(want))
+			if DetectCompression(p) != c.c {
+				t.Fatalf("detected %s, want %s", DetectCompression(p), c.c)
+			}
+			got, err := Decompress(p, MaxVmlinuxSize)
+			if c.err != nil {
+				if !errors.Is(err, c.err) {
+					t.Fatalf("err = %v, want %v", err, c.err)
+				}
+				return
+			}
+			if err != nil || !bytes.Equal(got, want) {
+				t.Fatalf("round trip: %d bytes, err %v", len(got), err)
+			}
+		})
+	}
+}
