@@ -21,7 +21,9 @@ type HarnessOptions struct {
 	Features uint64
 	// QueueSize overrides every queue's size (0: the device maximum).
 	QueueSize uint16
-	// DataPerQueue is the data area per queue for Add (0: 1 MiB).
+	// DataPerQueue is the data area per queue for Add, split into one slot
+	// per descriptor (0: 64 KiB per descriptor; guest memory is mapped
+	// lazily, so this costs only what is touched).
 	DataPerQueue uint64
 	// NoActivate leaves the device inactive (call Activate yourself).
 	NoActivate bool
@@ -50,16 +52,18 @@ type Harness struct {
 func NewHarness(t testing.TB, dev virtio.Device, opts HarnessOptions) *Harness {
 	t.Helper()
 	sizes := dev.QueueSizes()
-	data := opts.DataPerQueue
-	if data == 0 {
-		data = 1 << 20
+	dataFor := func(s uint16) uint64 {
+		if opts.DataPerQueue != 0 {
+			return (opts.DataPerQueue + 4095) &^ 4095
+		}
+		return uint64(s) * 64 << 10
 	}
 	var total uint64 = guestmem.PageSize
 	for _, s := range sizes {
 		if opts.QueueSize != 0 {
 			s = opts.QueueSize
 		}
-		total += (RingBytes(s)+4095)&^4095 + data
+		total += (RingBytes(s)+4095)&^4095 + dataFor(s)
 	}
 	total = (total + 4095) &^ 4095
 	mem, err := guestmem.New(total)
@@ -77,6 +81,7 @@ func NewHarness(t testing.TB, dev virtio.Device, opts HarnessOptions) *Harness {
 			s = opts.QueueSize
 		}
 		rings := (RingBytes(s) + 4095) &^ 4095
+		data := dataFor(s)
 		dq := NewDriverQueue(mem, s, next, next+rings, data)
 		dq.EventIdx = h.Features&virtio.FeatureEventIdx != 0
 		next += rings + data
