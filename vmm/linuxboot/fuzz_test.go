@@ -46,8 +46,8 @@ func FuzzParseBzImage(f *testing.F) {
 
 func FuzzLoadELF(f *testing.F) {
 	f.Add(testKernel())
-	f.Add(makeELF(0xffffffff81000010, testSeg{paddr: 0x1000000, vaddr: 0xffffffff81000000, data: make([]byte, 64)}))
-	f.Add(makeELF(0x100000, testSeg{paddr: 0x100000, data: []byte{1, 2, 3}, memsz: 1 << 20}, testSeg{paddr: 0x300000, data: []byte{4}}))
+	f.Add(makeELF(0xffffffff81000010, testSeg{Paddr: 0x1000000, Vaddr: 0xffffffff81000000, Data: make([]byte, 64)}))
+	f.Add(makeELF(0x100000, testSeg{Paddr: 0x100000, Data: []byte{1, 2, 3}, Memsz: 1 << 20}, testSeg{Paddr: 0x300000, Data: []byte{4}}))
 	f.Add([]byte("\x7fELF"))
 	mem, err := guestmem.New(32 << 20)
 	if err != nil {

@@ -12,8 +12,6 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/klauspost/compress/zstd"
-
 	"github.com/gosandbox/sandbox/vmm/guestmem"
 )
 
@@ -439,7 +437,7 @@ func TestLoadELFHostile(t *testing.T) {
 func clone(b []byte) []byte { return append([]byte(nil), b...) }
 
 func TestVirtualEntry(t *testing.T) {
-	k := makeELF(0xffffffff81000010, testSeg{paddr: 0x1000000, vaddr: 0xffffffff81000000, data: make([]byte, 64)})
+	k := makeELF(0xffffffff81000010, testSeg{Paddr: 0x1000000, Vaddr: 0xffffffff81000000, Data: make([]byte, 64)})
 	m := newMem(t, 32*mib)
 	l, err := LoadELF(m, bytes.NewReader(k), int64(len(k)), Config{})
 	if err != nil {
@@ -539,8 +537,6 @@ func BenchmarkDecompressZstd(b *testing.B) {
 		}
 	}
 }
-
-var _ = zstd.MaxWindowSize
 
 // TestKernelStyleCLI compresses with the command-line tools the kernel build
 // uses (same flags as scripts/Makefile.lib), when they are installed.
