@@ -110,7 +110,9 @@ type VM struct {
 // The guest does not run until Start. New works on any KVM host, PVM
 // included (tiny test guests run there); callers booting Linux should check
 // Probe().CanBootLinux() first (BootLinux does).
-func New(cfg Config) (_ *VM, err error) {
+func New(cfg Config) (*VM, error) { return newVM(cfg, true) }
+
+func newVM(cfg Config, probe bool) (_ *VM, err error) {
 	created := time.Now()
 	if err := cfg.validate(); err != nil {
 		return nil, err
@@ -175,6 +177,13 @@ func New(cfg Config) (_ *VM, err error) {
 
 	if vm.supportedCPUID, err = getSupportedCPUID(kfd); err != nil {
 		return nil, kvmErr("KVM_GET_SUPPORTED_CPUID", err)
+	}
+	if flags, _ := cpuFlags(); probe && needsXSAVEProbe(flags, vm.supportedCPUID) {
+		ok, perr := xsaveSizeFollowsXCR0()
+		if !ok {
+			vm.log.Debug("XSAVE size does not follow XCR0 on this host; hiding XSAVE from the guest", "probe_err", perr)
+			vm.supportedCPUID = maskXSAVE(vm.supportedCPUID)
+		}
 	}
 	mmapSize, err := ioctl(kfd, kvmGetVCPUMmapSize, 0)
 	if err != nil {
