@@ -25,6 +25,10 @@ const (
 	MaxPathLen = 4096
 	// MaxXattrBytes is the most xattr name+value bytes one entry may carry.
 	MaxXattrBytes = 64 << 10
+	// MaxSparseExpansion bounds how many more bytes of file contents a
+	// layer may produce than its tar stream holds (sparse-file holes). A
+	// hostile sparse header could otherwise claim exabytes of zeros.
+	MaxSparseExpansion = 1 << 30
 )
 
 const (
@@ -110,7 +114,9 @@ func idOf(v int) (uint32, error) {
 // reads the entry's contents. Errors are *LayerError wrapping a sentinel, or
 // ErrTruncated / ErrInvalidLayer for a malformed stream, or ctx's error.
 func walkTar(ctx context.Context, r io.Reader, fn func(e *layerEntry, data io.Reader) error) error {
-	tr := tar.NewReader(r)
+	raw := &rawCounter{r: r}
+	tr := tar.NewReader(raw)
+	data := &ctxReader{ctx: ctx, r: tr, raw: raw}
 	n := 0
 	for {
 		if err := ctx.Err(); err != nil {
@@ -134,11 +140,11 @@ func walkTar(ctx context.Context, r io.Reader, fn func(e *layerEntry, data io.Re
 		if skip {
 			continue
 		}
-		var data io.Reader
+		var dr io.Reader
 		if e.Kind == kindFile {
-			data = &ctxReader{ctx: ctx, r: tr}
+			dr = data
 		}
-		if err := fn(e, data); err != nil {
+		if err := fn(e, dr); err != nil {
 			var le *LayerError
 			if errors.As(err, &le) || errors.Is(err, ctx.Err()) && ctx.Err() != nil {
 				return err
@@ -163,20 +169,42 @@ func tarErr(err error) error {
 	return err
 }
 
-type ctxReader struct {
-	ctx context.Context
-	r   io.Reader
-	n   int
+type rawCounter struct {
+	r io.Reader
+	n int64
 }
 
+func (c *rawCounter) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n += int64(n)
+	return n, err
+}
+
+// ctxReader reads file contents, checking ctx now and then and bounding
+// sparse expansion.
+type ctxReader struct {
+	ctx      context.Context
+	r        io.Reader
+	raw      *rawCounter
+	calls    int
+	produced int64
+}
+
+var errSparse = fmt.Errorf("%w: sparse files expand to more than %d bytes beyond the layer size", ErrInvalidLayer, int64(MaxSparseExpansion))
+
 func (c *ctxReader) Read(p []byte) (int, error) {
-	c.n++
-	if c.n%64 == 0 {
+	c.calls++
+	if c.calls%64 == 0 {
 		if err := c.ctx.Err(); err != nil {
 			return 0, err
 		}
 	}
-	return c.r.Read(p)
+	if c.produced > c.raw.n+MaxSparseExpansion {
+		return 0, errSparse
+	}
+	n, err := c.r.Read(p)
+	c.produced += int64(n)
+	return n, err
 }
 
 func toEntry(hdr *tar.Header) (*layerEntry, bool, error) {

@@ -1,0 +1,73 @@
+package image
+
+import (
+	"archive/tar"
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"testing"
+)
+
+func fuzzSeeds(f *testing.F) {
+	// Small seeds: the fuzzer mutates faster on small inputs.
+	base := mkTar(f,
+		tent{name: "./", typ: tar.TypeDir, mode: 0o755},
+		tent{name: "bin/sh", body: "#!", mode: 0o4755, uid: 1, gid: 2, xattrs: map[string]string{"user.a": "b"}},
+		tent{name: "bin/ln", typ: tar.TypeLink, link: "bin/sh"},
+		tent{name: "lib", typ: tar.TypeSymlink, link: "usr/lib", mode: 0o777},
+		tent{name: "dev/null", typ: tar.TypeChar, major: 1, minor: 3},
+		tent{name: "fifo", typ: tar.TypeFifo},
+		tent{name: "etc/.wh.gone"},
+	)
+	f.Add(base)
+	f.Add(mkTar(f, tent{name: "/abs", body: "x"}))
+	f.Add(mkTar(f, tent{name: "a", typ: tar.TypeSymlink, link: "/etc", mode: 0o777}, tent{name: "a/b", body: "x"}))
+	f.Add(mkTar(f, tent{name: "h", typ: tar.TypeLink, link: "../x"}))
+	f.Add(mkTar(f, tent{name: "d/.wh..wh..opq"}, tent{name: "d/.wh.x"}, tent{name: "d/x", body: "1"}))
+	f.Add(base[:len(base)/3])
+	f.Add([]byte{})
+}
+
+// FuzzTarWalk feeds arbitrary bytes to the layer tar walker: it must never
+// panic or hang, and every entry it yields must be clean and relative.
+func FuzzTarWalk(f *testing.F) {
+	fuzzSeeds(f)
+	f.Fuzz(func(t *testing.T, data []byte) {
+		err := walkTar(context.Background(), bytes.NewReader(data), func(e *layerEntry, r io.Reader) error {
+			if len(e.Path) > 0 && (e.Path[0] == '/' || e.Path == ".." || bytes.Contains([]byte("/"+e.Path+"/"), []byte("/../"))) {
+				t.Fatalf("unsafe path %q yielded", e.Path)
+			}
+			if e.Kind == kindHardlink && (e.LinkTarget == "" || e.LinkTarget[0] == '/') {
+				t.Fatalf("unsafe link target %q yielded", e.LinkTarget)
+			}
+			if r != nil {
+				_, err := io.Copy(io.Discard, r)
+				return err
+			}
+			return nil
+		})
+		_ = err
+	})
+}
+
+// FuzzConvert converts arbitrary bytes: it must return an image or a typed
+// error, never panic.
+func FuzzConvert(f *testing.F) {
+	fuzzSeeds(f)
+	f.Fuzz(func(t *testing.T, data []byte) {
+		m := &memAt{}
+		st, err := ConvertLayer(context.Background(), bytes.NewReader(data), m)
+		if err != nil {
+			for _, s := range []error{ErrUnsafePath, ErrLinkEscape, ErrDuplicateEntry, ErrTruncated, ErrInvalidLayer} {
+				if errors.Is(err, s) {
+					return
+				}
+			}
+			t.Fatalf("untyped error: %v", err)
+		}
+		if st.ImageBytes != int64(len(m.b)) || len(m.b) < 96 || string(m.b[:4]) != "hsqs" {
+			t.Fatalf("bad image: %d bytes, stats %+v", len(m.b), st)
+		}
+	})
+}
