@@ -1,0 +1,272 @@
+package kvmhost
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"regexp"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// Option adjusts how Delegate runs the test in the outer VM.
+type Option func(*delegateOptions)
+
+type delegateOptions struct {
+	flags   []string
+	cfg     []func(*Config)
+	timeout time.Duration
+}
+
+// WithTestFlags adds flags for the inner test binary, e.g.
+// "-test.bench=.", "-test.benchmem", "-test.count=3".
+func WithTestFlags(flags ...string) Option {
+	return func(o *delegateOptions) { o.flags = append(o.flags, flags...) }
+}
+
+// WithMemory sets the outer VM's memory in MiB.
+func WithMemory(mib int) Option {
+	return WithConfig(func(c *Config) { c.MemoryMiB = mib })
+}
+
+// WithCPUs sets the outer VM's vCPU count.
+func WithCPUs(n int) Option {
+	return WithConfig(func(c *Config) { c.CPUs = n })
+}
+
+// WithTimeout bounds the outer VM run. By default the bound is the test's
+// deadline (go test -timeout) less a minute, or none.
+func WithTimeout(d time.Duration) Option {
+	return func(o *delegateOptions) { o.timeout = d }
+}
+
+// WithModules loads extra kernel modules in the outer VM.
+func WithModules(names ...string) Option {
+	return WithConfig(func(c *Config) { c.Modules = append(c.Modules, names...) })
+}
+
+// WithConfig edits the Config Delegate passes to Run (after Delegate filled
+// in Program, Args, Stdout and Stderr).
+func WithConfig(f func(*Config)) Option {
+	return func(o *delegateOptions) { o.cfg = append(o.cfg, f) }
+}
+
+// Delegate makes a test that needs real KVM run where real KVM is.
+//
+// With hardware KVM, or inside the outer VM already, it logs the mode and
+// returns false: the caller goes on and runs its body here. Otherwise it
+// runs this test binary (os.Executable) inside the outer VM with
+// -test.run matching exactly this test (-test.bench for a benchmark),
+// -test.v, and -test.short when this run is short; streams the inner output
+// through t.Log; fails t if the inner run failed, reported no PASS line for
+// this test, or could not be had; and returns true: the caller returns at
+// once.
+//
+//	func TestBootLinux(t *testing.T) {
+//		if kvmhost.Delegate(t) {
+//			return
+//		}
+//		// ... needs real KVM ...
+//	}
+//
+// If neither hardware KVM nor the outer VM can be had, Delegate calls
+// t.Fatal under CI=true (a Linux-booting test never silently skips in CI)
+// and t.Skip otherwise; it also skips, outside CI, when testing.Short() is
+// set, since an outer VM costs seconds to boot.
+//
+// Each call boots one outer VM: put the cases in one parent test and call
+// Delegate once at its top, with subtests below it.
+func Delegate(t testing.TB, opts ...Option) bool {
+	t.Helper()
+	var o delegateOptions
+	for _, f := range opts {
+		f(&o)
+	}
+	mode, derr := Detect()
+	if mode.Direct() {
+		t.Logf("kvmhost: mode=%s: running %s here", mode, t.Name())
+		return false
+	}
+	ci := os.Getenv("CI") == "true"
+	unavailable := func(reason string) bool {
+		t.Helper()
+		if ci {
+			t.Fatalf("kvmhost: mode=%s: %s needs real KVM and CI=true forbids skipping: %s", mode, t.Name(), reason)
+		} else {
+			t.Skipf("kvmhost: mode=%s: skipping %s, which needs real KVM: %s", mode, t.Name(), reason)
+		}
+		return true
+	}
+	if mode == Unavailable {
+		return unavailable(derr.Error())
+	}
+	if testing.Short() && !ci {
+		return unavailable("-short is set and booting the emulated KVM host takes seconds")
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		return unavailable(fmt.Sprintf("cannot find the test binary: %v", err))
+	}
+
+	args := innerTestArgs(t, o.flags)
+	lw := &lineLogger{t: t, prefix: "inner: "}
+	logw := &lineLogger{t: t, prefix: ""}
+	cfg := Config{
+		Program: exe,
+		Args:    args,
+		Stdout:  lw,
+		Stderr:  lw,
+		Logger:  slog.New(slog.NewTextHandler(logw, &slog.HandlerOptions{Level: slog.LevelInfo})),
+	}
+	if tt, ok := t.(interface{ Deadline() (time.Time, bool) }); ok {
+		if dl, ok := tt.Deadline(); ok {
+			cfg.Timeout = time.Until(dl) - time.Minute
+			if cfg.Timeout < time.Minute {
+				cfg.Timeout = time.Until(dl) * 9 / 10
+			}
+		}
+	}
+	if o.timeout > 0 {
+		cfg.Timeout = o.timeout
+	}
+	for _, f := range o.cfg {
+		f(&cfg)
+	}
+	t.Logf("kvmhost: mode=%s: running %s in the outer VM: %s %s", mode, t.Name(), exe, strings.Join(args, " "))
+	res, err := RunResult(context.Background(), cfg)
+	lw.flush()
+	logw.flush()
+	if err != nil {
+		if errors.Is(err, ErrUnavailable) {
+			return unavailable(err.Error())
+		}
+		t.Fatalf("kvmhost: mode=%s: outer VM run of %s failed: %v", mode, t.Name(), err)
+		return true
+	}
+	t.Logf("kvmhost: mode=%s, outer VM boot took %v (outer kernel uptime %v), whole run %v, inner exit code %d",
+		mode, res.Boot.Round(time.Millisecond), res.GuestUptime.Round(10*time.Millisecond), res.Total.Round(time.Millisecond), res.ExitCode)
+	v := judgeInner(t.Name(), lw.text(), res.ExitCode, isBenchmark(t))
+	switch {
+	case v.skipped && !ci:
+		t.Skipf("kvmhost: the inner run skipped %s: %s", t.Name(), v.reason)
+	case v.failed:
+		t.Errorf("kvmhost: inner run of %s failed: %s", t.Name(), v.reason)
+	}
+	return true
+}
+
+func isBenchmark(t testing.TB) bool {
+	_, ok := t.(*testing.B)
+	return ok
+}
+
+// innerTestArgs are the test binary flags selecting exactly t.
+func innerTestArgs(t testing.TB, extra []string) []string {
+	pat := runPattern(t.Name())
+	var args []string
+	if isBenchmark(t) {
+		args = []string{"-test.run=^$", "-test.bench=" + pat, "-test.benchmem"}
+	} else {
+		args = []string{"-test.run=" + pat}
+	}
+	args = append(args, "-test.v", "-test.count=1")
+	if testing.Short() {
+		args = append(args, "-test.short")
+	}
+	return append(args, extra...)
+}
+
+// runPattern anchors each element of a (sub)test name.
+func runPattern(name string) string {
+	parts := strings.Split(name, "/")
+	for i, p := range parts {
+		parts[i] = "^" + regexp.QuoteMeta(p) + "$"
+	}
+	return strings.Join(parts, "/")
+}
+
+// verdict is what the inner test output says.
+type verdict struct {
+	failed, skipped bool
+	reason          string
+}
+
+// judgeInner decides from the inner test binary's output and exit code
+// whether test name passed. A pass needs exit code 0 and a "--- PASS: name"
+// line (for a benchmark, a result line for it and a final PASS).
+func judgeInner(name, out string, exitCode int, bench bool) verdict {
+	lines := strings.Split(out, "\n")
+	has := func(prefix string) bool {
+		for _, l := range lines {
+			if strings.HasPrefix(strings.TrimSpace(l), prefix) {
+				return true
+			}
+		}
+		return false
+	}
+	if exitCode != 0 {
+		return verdict{failed: true, reason: fmt.Sprintf("test binary exited with code %d", exitCode)}
+	}
+	if !bench {
+		if has("--- SKIP: " + name + " ") {
+			return verdict{skipped: true, failed: os.Getenv("CI") == "true", reason: "the inner test skipped itself (see inner: lines)"}
+		}
+		if !has("--- PASS: " + name + " ") {
+			return verdict{failed: true, reason: "no \"--- PASS: " + name + "\" line in the inner output (did the test run at all?)"}
+		}
+		return verdict{}
+	}
+	if !has(name+"-") && !has(name+" ") && !has(name+"\t") {
+		return verdict{failed: true, reason: "no result line for " + name + " in the inner output"}
+	}
+	if !has("PASS") {
+		return verdict{failed: true, reason: "no PASS in the inner output"}
+	}
+	return verdict{}
+}
+
+// lineLogger sends whole lines to t.Log (which go test -v shows as they
+// come) and keeps all text for judging the inner run.
+type lineLogger struct {
+	t      testing.TB
+	prefix string
+	mu     sync.Mutex
+	part   []byte
+	all    bytes.Buffer
+}
+
+func (l *lineLogger) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.all.Write(p)
+	l.part = append(l.part, p...)
+	for {
+		i := bytes.IndexByte(l.part, '\n')
+		if i < 0 {
+			break
+		}
+		l.t.Log(l.prefix + string(l.part[:i]))
+		l.part = l.part[i+1:]
+	}
+	return len(p), nil
+}
+
+func (l *lineLogger) flush() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.part) > 0 {
+		l.t.Log(l.prefix + string(l.part))
+		l.part = nil
+	}
+}
+
+func (l *lineLogger) text() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.all.String()
+}
