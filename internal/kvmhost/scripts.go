@@ -13,12 +13,12 @@ import (
 // Files in the per-run work directory (shared read-write as tag kvmwork,
 // mounted at /mnt/work by init and at its own host path in the chroot).
 const (
-	fileSetup   = "setup.sh"  // sourced by init (PID 1) in the initramfs
-	fileRun     = "run.sh"    // run by the host's busybox inside the chroot
-	fileStatus  = "status"    // "exit N" or "setup <message>", written last
-	fileStarted = "started"   // outer kernel uptime when the program starts
-	fileStdout  = "stdout"    // the program's stdout
-	fileStderr  = "stderr"    // the program's stderr
+	fileSetup   = "setup.sh" // sourced by init (PID 1) in the initramfs
+	fileRun     = "run.sh"   // run by the host's busybox inside the chroot
+	fileStatus  = "status"   // "exit N" or "setup <message>", written last
+	fileStarted = "started"  // outer kernel uptime when the program starts
+	fileStdout  = "stdout"   // the program's stdout
+	fileStderr  = "stderr"   // the program's stderr
 )
 
 // tmpfsDirs are host directories that get a fresh tmpfs inside, when the
