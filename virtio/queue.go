@@ -375,10 +375,14 @@ func (q *Queue) Notify() error {
 	return q.irq()
 }
 
-// arm asks the driver to kick on the next avail entry (avail_event under
-// VIRTIO_F_EVENT_IDX; without it the device never suppresses kicks) and
-// reports whether the avail ring is still empty afterwards.
-func (q *Queue) arm() bool {
+// Arm asks the driver to kick on the next avail entry (by writing
+// avail_event under VIRTIO_F_EVENT_IDX; without it the device never
+// suppresses kicks) and reports whether the avail ring is empty afterwards,
+// that is whether the caller may block on Kicks without missing work.
+func (q *Queue) Arm() (idle bool) {
+	if q.err != nil {
+		return true
+	}
 	if q.eventIdx {
 		q.store16(q.used, 4+8*int(q.size), q.lastAvail)
 	}
@@ -398,7 +402,7 @@ func (q *Queue) Wait(stop <-chan struct{}) bool {
 		if q.err != nil {
 			return false
 		}
-		if !q.arm() {
+		if !q.Arm() {
 			return true
 		}
 		select {
