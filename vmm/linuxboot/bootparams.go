@@ -2,6 +2,7 @@ package linuxboot
 
 import (
 	"encoding/binary"
+	"os"
 	"strings"
 
 	"github.com/gosandbox/sandbox/vmm/guestmem"
@@ -105,6 +106,22 @@ type Config struct {
 	// ExtraE820 lists further ranges (for example PCI MMCONFIG) appended to
 	// the e820 map, normally as E820Reserved.
 	ExtraE820 []E820Entry
+	// Mapper, if set, lets LoadELF map page-aligned segment bytes from the
+	// vmlinux file into guest memory copy-on-write instead of copying them
+	// (when the vmlinux is an *os.File). The file must never be modified in
+	// place while a guest uses it (the kernel package's cache files are
+	// read-only and only ever replaced by rename).
+	Mapper FileMapper
+}
+
+// FileMapper maps file pages into guest memory privately (MAP_PRIVATE,
+// copy-on-write), so that loading a kernel copies nothing and every VM
+// booting the same file shares the host page cache.
+type FileMapper interface {
+	// MapFile maps n bytes of f from offset off at guest-physical gpa.
+	// gpa, off and n are multiples of guestmem.PageSize, n > 0, and
+	// [gpa, gpa+n) lies inside one RAM region.
+	MapFile(gpa uint64, f *os.File, off int64, n uint64) error
 }
 
 // Loaded describes a kernel placed in guest memory.

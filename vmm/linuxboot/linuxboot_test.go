@@ -585,3 +585,39 @@ func TestKernelStyleCLI(t *testing.T) {
 		})
 	}
 }
+
+// BenchmarkLoadELFReal loads the default kernel's vmlinux into fresh guest
+// memory (page faults included), as every boot does.
+func BenchmarkLoadELFReal(b *testing.B) {
+	z, err := ParseBzImage(realKernel(b))
+	if err != nil {
+		b.Fatal(err)
+	}
+	v, err := z.Vmlinux()
+	if err != nil {
+		b.Fatal(err)
+	}
+	cfg := Config{Cmdline: "console=ttyS0", SetupHeader: z.Header.Raw}
+	b.SetBytes(int64(len(v)))
+	for b.Loop() {
+		m, err := guestmem.New(256 * mib)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := LoadELF(m, bytes.NewReader(v), int64(len(v)), cfg); err != nil {
+			b.Fatal(err)
+		}
+		m.Close()
+	}
+}
+
+// BenchmarkBootParams is the cost of everything but the kernel copy.
+func BenchmarkBootParams(b *testing.B) {
+	regions := guestmem.Layout(5 * gib)
+	initrd := make([]byte, 4*mib)
+	for b.Loop() {
+		if _, err := planBoot(regions, 16*mib, 80*mib, Config{Cmdline: "console=ttyS0 quiet", Initrd: initrd}, 0); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

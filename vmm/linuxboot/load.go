@@ -2,7 +2,9 @@ package linuxboot
 
 import (
 	"errors"
+	"fmt"
 	"io"
+	"os"
 
 	"github.com/gosandbox/sandbox/vmm/guestmem"
 )
@@ -27,12 +29,25 @@ func LoadELF(mem *guestmem.Memory, vmlinux io.ReaderAt, size int64, cfg Config) 
 	if err != nil {
 		return nil, err
 	}
+	file, _ := vmlinux.(*os.File)
 	for _, s := range img.Segments {
 		dst, err := mem.Slice(s.Paddr, s.Memsz)
 		if err != nil {
 			return nil, err
 		}
-		if n, err := vmlinux.ReadAt(dst[:s.Filesz], int64(s.Offset)); n != int(s.Filesz) {
+		var mapped uint64
+		if cfg.Mapper != nil && file != nil && s.Paddr%guestmem.PageSize == 0 && s.Offset%guestmem.PageSize == 0 {
+			// Map whole pages of file bytes; the partial last page is
+			// copied, so the bytes after p_filesz read as zero.
+			if n := alignDown(s.Filesz, guestmem.PageSize); n > 0 {
+				if err := cfg.Mapper.MapFile(s.Paddr, file, int64(s.Offset), n); err != nil {
+					return nil, fmt.Errorf("linuxboot: map segment at %#x: %w", s.Paddr, err)
+				}
+				mapped = n
+			}
+		}
+		rest := dst[mapped:s.Filesz]
+		if n, err := vmlinux.ReadAt(rest, int64(s.Offset+mapped)); n != len(rest) {
 			if err == nil || errors.Is(err, io.EOF) {
 				err = io.ErrUnexpectedEOF
 			}

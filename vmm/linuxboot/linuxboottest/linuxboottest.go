@@ -25,7 +25,14 @@ type Segment struct {
 
 // ELF builds a minimal ELF64 x86-64 executable with the given PT_LOAD
 // segments, followed by one PT_NOTE program header a loader must ignore.
-func ELF(entry uint64, segs ...Segment) []byte {
+func ELF(entry uint64, segs ...Segment) []byte { return buildELF(entry, false, segs) }
+
+// ELFPageAligned is ELF with each segment's file offset congruent to its
+// p_paddr modulo 4096, as in a real vmlinux, so that segments can be mapped
+// from the file.
+func ELFPageAligned(entry uint64, segs ...Segment) []byte { return buildELF(entry, true, segs) }
+
+func buildELF(entry uint64, aligned bool, segs []Segment) []byte {
 	le := binary.LittleEndian
 	const ehsize, phsize = 64, 56
 	phnum := len(segs) + 1
@@ -43,6 +50,11 @@ func ELF(entry uint64, segs ...Segment) []byte {
 	le.PutUint16(h[56:], uint16(phnum))
 	var body []byte
 	for i, s := range segs {
+		if aligned {
+			for (off+uint64(len(body)))%4096 != s.Paddr%4096 {
+				body = append(body, 0xa5)
+			}
+		}
 		p := h[ehsize+i*phsize:]
 		le.PutUint32(p[0:], 1) // PT_LOAD
 		le.PutUint32(p[4:], 5)

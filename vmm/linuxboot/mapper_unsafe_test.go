@@ -1,0 +1,111 @@
+package linuxboot
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"testing"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/gosandbox/sandbox/vmm/guestmem"
+	"github.com/gosandbox/sandbox/vmm/linuxboot/linuxboottest"
+)
+
+// mmapMapper is a FileMapper that maps file pages over guest RAM with
+// MAP_FIXED|MAP_PRIVATE, as the VMM's guest memory would, and records its
+// calls.
+type mmapMapper struct {
+	t     testing.TB
+	mem   *guestmem.Memory
+	calls [][3]uint64
+}
+
+func (m *mmapMapper) MapFile(gpa uint64, f *os.File, off int64, n uint64) error {
+	if gpa%guestmem.PageSize != 0 || off%guestmem.PageSize != 0 || n%guestmem.PageSize != 0 || n == 0 {
+		m.t.Errorf("MapFile(%#x, %#x, %#x) is not page aligned", gpa, off, n)
+	}
+	b, err := m.mem.Slice(gpa, n)
+	if err != nil {
+		return err
+	}
+	_, err = unix.MmapPtr(int(f.Fd()), off, unsafe.Pointer(&b[0]), uintptr(n),
+		unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_FIXED)
+	m.calls = append(m.calls, [3]uint64{gpa, uint64(off), n})
+	return err
+}
+
+func writeTemp(t testing.TB, data []byte) *os.File {
+	path := filepath.Join(t.TempDir(), "vmlinux")
+	if err := os.WriteFile(path, data, 0o444); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return f
+}
+
+func TestLoadELFMapped(t *testing.T) {
+	text := bytes.Repeat([]byte{0x49, 0x89, 0xf7, 0x90}, 3*4096/4+100) // 3 pages + 400 bytes
+	data := bytes.Repeat([]byte{0xd0}, 2*4096)
+	k := linuxboottest.ELFPageAligned(0x1000000,
+		linuxboottest.Segment{Paddr: 0x1000000, Data: text, Memsz: 0x8000},
+		linuxboottest.Segment{Paddr: 0x1200000, Data: data})
+	f := writeTemp(t, k)
+	mem := newMem(t, 64*mib)
+	mapper := &mmapMapper{t: t, mem: mem}
+	l, err := LoadELF(mem, f, int64(len(k)), Config{Mapper: mapper})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(mapper.calls) != 2 || mapper.calls[0][0] != 0x1000000 || mapper.calls[0][2] != 3*4096 || mapper.calls[1][2] != 2*4096 {
+		t.Fatalf("MapFile calls %x", mapper.calls)
+	}
+	got := make([]byte, 0x8000)
+	mem.ReadAt(got, 0x1000000)
+	if !bytes.Equal(got[:len(text)], text) || !bytes.Equal(got[len(text):], make([]byte, 0x8000-len(text))) {
+		t.Fatal("mapped text segment wrong, or bytes after p_filesz not zero")
+	}
+	got = make([]byte, len(data))
+	mem.ReadAt(got, 0x1200000)
+	if !bytes.Equal(got, data) {
+		t.Fatal("mapped data segment wrong")
+	}
+	// Guest writes stay private: the file is unchanged.
+	mem.WriteAt([]byte{0xff}, 0x1000000)
+	head := make([]byte, 1)
+	f.ReadAt(head, int64(mapper.calls[0][1]))
+	if head[0] != 0x49 || l.Entry != 0x1000000 {
+		t.Fatal("guest write reached the file")
+	}
+}
+
+// BenchmarkLoadELFRealMapped is BenchmarkLoadELFReal with the segments
+// mapped from the file instead of copied.
+func BenchmarkLoadELFRealMapped(b *testing.B) {
+	z, err := ParseBzImage(realKernel(b))
+	if err != nil {
+		b.Fatal(err)
+	}
+	v, err := z.Vmlinux()
+	if err != nil {
+		b.Fatal(err)
+	}
+	f := writeTemp(b, v)
+	cfg := Config{Cmdline: "console=ttyS0", SetupHeader: z.Header.Raw}
+	for b.Loop() {
+		m, err := guestmem.New(256 * mib)
+		if err != nil {
+			b.Fatal(err)
+		}
+		cfg.Mapper = &mmapMapper{t: b, mem: m}
+		if _, err := LoadELF(m, f, int64(len(v)), cfg); err != nil {
+			b.Fatal(err)
+		}
+		m.Close()
+	}
+}
