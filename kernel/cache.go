@@ -212,6 +212,13 @@ func (o *options) lock(ctx context.Context) (unlock func(), err error) {
 	for delay := time.Millisecond; ; delay = min(2*delay, 100*time.Millisecond) {
 		err := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB)
 		if err == nil {
+			// Every writer holds the lock, so what is left in tmp
+			// belongs to a process that died while writing.
+			if ents, err := os.ReadDir(filepath.Join(o.cacheDir, "tmp")); err == nil {
+				for _, e := range ents {
+					os.Remove(filepath.Join(o.cacheDir, "tmp", e.Name()))
+				}
+			}
 			return func() {
 				unix.Flock(fd, unix.LOCK_UN)
 				f.Close()

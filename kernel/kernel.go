@@ -62,9 +62,19 @@ type Kernel struct {
 	Source Source
 }
 
+// Mappable reports whether Vmlinux is a read-only cache file that is never
+// modified in place, so that it may be mapped into guest memory
+// (linuxboot.Config.Mapper). A caller's own ELF file (FromFile) is not: it
+// could be truncated while a guest runs.
+func (k *Kernel) Mappable() bool { return k.Vmlinux != k.Path }
+
 // Load loads the kernel's vmlinux into guest memory with linuxboot.LoadELF,
-// using the kernel's own setup header unless cfg sets one.
+// using the kernel's own setup header unless cfg sets one. cfg.Mapper is
+// ignored unless Mappable.
 func (k *Kernel) Load(mem *guestmem.Memory, cfg linuxboot.Config) (*linuxboot.Loaded, error) {
+	if !k.Mappable() {
+		cfg.Mapper = nil
+	}
 	f, err := os.Open(k.Vmlinux)
 	if err != nil {
 		return nil, fmt.Errorf("kernel: %w", err)

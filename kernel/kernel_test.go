@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -449,7 +450,7 @@ func TestFromFile(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if k.Source != SourceFile || k.Path != bzPath || k.Vmlinux == bzPath || k.SetupHeader == nil {
+	if k.Source != SourceFile || k.Path != bzPath || k.Vmlinux == bzPath || k.SetupHeader == nil || !k.Mappable() {
 		t.Fatalf("kernel = %+v", k)
 	}
 	k2, err := FromFile(context.Background(), bzPath, opts...)
@@ -460,7 +461,7 @@ func TestFromFile(t *testing.T) {
 	elfPath := filepath.Join(dir, "vmlinux")
 	os.WriteFile(elfPath, linuxboottest.Kernel(), 0o644)
 	k, err = FromFile(context.Background(), elfPath, opts...)
-	if err != nil || k.Vmlinux != elfPath || k.SetupHeader != nil {
+	if err != nil || k.Vmlinux != elfPath || k.SetupHeader != nil || k.Mappable() {
 		t.Fatalf("ELF: %+v, %v", k, err)
 	}
 
@@ -565,5 +566,60 @@ func BenchmarkDefaultCold(b *testing.B) {
 		if _, err := Default(context.Background(), WithCacheDir(b.TempDir()), WithModCache(mc), WithGOPROXY("off")); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// TestMain lets the test binary act as a separate process calling Default
+// (TestConcurrentProcesses).
+func TestMain(m *testing.M) {
+	if dir := os.Getenv("KERNEL_TEST_HELPER_CACHE"); dir != "" {
+		h := slog.NewTextHandler(os.Stderr, nil)
+		k, err := Default(context.Background(), WithCacheDir(dir), WithModCache(os.Getenv("KERNEL_TEST_HELPER_MODCACHE")),
+			WithGOPROXY("off"), WithModuleVersion(fakeVersion, os.Getenv("KERNEL_TEST_HELPER_SUM")), WithLogger(slog.New(h)),
+			WithGetenv(func(string) string { return "" }))
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		fmt.Println(k.Vmlinux)
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+func TestConcurrentProcesses(t *testing.T) {
+	mc, sum := fakeModCache(t, fakeVersion, map[string][]byte{KernelFile: synthBzImage(t)}, false, true)
+	cache := t.TempDir()
+	// A stale temporary file from a process that died mid-write.
+	os.MkdirAll(filepath.Join(cache, "tmp"), 0o755)
+	os.WriteFile(filepath.Join(cache, "tmp", "part-stale"), []byte("x"), 0o644)
+	const n = 4
+	cmds := make([]*exec.Cmd, n)
+	outs := make([]*bytes.Buffer, n)
+	errs := make([]*bytes.Buffer, n)
+	for i := range n {
+		cmds[i] = exec.Command(os.Args[0], "-test.run=^$")
+		cmds[i].Env = append(os.Environ(), "KERNEL_TEST_HELPER_CACHE="+cache, "KERNEL_TEST_HELPER_MODCACHE="+mc, "KERNEL_TEST_HELPER_SUM="+sum)
+		outs[i], errs[i] = new(bytes.Buffer), new(bytes.Buffer)
+		cmds[i].Stdout, cmds[i].Stderr = outs[i], errs[i]
+		if err := cmds[i].Start(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	extractions := 0
+	for i := range n {
+		if err := cmds[i].Wait(); err != nil {
+			t.Fatalf("process %d: %v: %s", i, err, errs[i])
+		}
+		extractions += strings.Count(errs[i].String(), "kernel: extracting vmlinux")
+		if outs[i].String() != outs[0].String() {
+			t.Fatalf("processes disagree: %q vs %q", outs[i], outs[0])
+		}
+	}
+	if extractions != 1 {
+		t.Errorf("%d extractions across %d processes, want 1", extractions, n)
+	}
+	if ents, _ := os.ReadDir(filepath.Join(cache, "tmp")); len(ents) != 0 {
+		t.Errorf("tmp not cleaned: %v", ents)
 	}
 }
