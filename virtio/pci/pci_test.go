@@ -6,6 +6,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"runtime"
 	"testing"
 
 	"github.com/gosandbox/sandbox/virtio"
@@ -497,5 +498,35 @@ func TestBusFullAndConfigErrors(t *testing.T) {
 	}
 	if _, err := bus.AddVirtio(rng.New(nil)); !errors.Is(err, pci.ErrBusFull) {
 		t.Fatalf("32nd device: %v", err)
+	}
+}
+
+func TestCloseJoinsGoroutines(t *testing.T) {
+	before := runtime.NumGoroutine()
+	func() {
+		r := newRig(t, true)
+		for slot := 1; slot <= 3; slot++ {
+			v, err := r.drv.Probe(slot)
+			if err != nil {
+				t.Fatal(err)
+			}
+			v.MSIXEnable(16) // more than any device has; extra entries are ignored
+			if err := v.Init(^uint64(0), 0); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := r.bus.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}()
+	// Exited goroutines may linger a moment after Done; wait (bounded).
+	timeout := afterTimeout()
+	for runtime.NumGoroutine() > before {
+		select {
+		case <-timeout:
+			t.Fatalf("%d goroutines before, %d after Close", before, runtime.NumGoroutine())
+		default:
+			runtime.Gosched()
+		}
 	}
 }
