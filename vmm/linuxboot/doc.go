@@ -29,6 +29,15 @@
 // Kernel segments must lie at or above HighMemStart; everything below it
 // belongs to the fixed structures above.
 //
+// # Loading cost
+//
+// Copying a 56 MB vmlinux into fresh guest memory costs tens to hundreds of
+// milliseconds, mostly page faults. With Config.Mapper set (a FileMapper,
+// implemented by the guest memory owner with mmap MAP_PRIVATE|MAP_FIXED),
+// LoadELF maps the page-aligned part of each segment from the vmlinux file
+// copy-on-write instead: under a millisecond, and the host page cache is
+// shared by every VM booting the same kernel.
+//
 // # Untrusted files
 //
 // Kernel and initramfs files are treated as hostile input: every offset,

@@ -4,9 +4,12 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"os"
+	"path/filepath"
 	"testing"
 
 	"github.com/gosandbox/sandbox/vmm/guestmem"
+	"github.com/gosandbox/sandbox/vmm/linuxboot/linuxboottest"
 )
 
 // typed reports whether err is one of the package's typed errors.
@@ -19,6 +22,9 @@ func FuzzParseBzImage(f *testing.F) {
 		f.Add(makeBzImage(compress(f, c, testKernel())))
 	}
 	f.Add(makeBzImage(sizeAppend([]byte("\x28\xb5\x2f\xfd garbage"), 100)))
+	if real := realKernelSeed(); real != nil {
+		f.Add(real)
+	}
 	f.Add([]byte{})
 	f.Fuzz(func(t *testing.T, b []byte) {
 		z, err := ParseBzImage(b)
@@ -49,6 +55,14 @@ func FuzzLoadELF(f *testing.F) {
 	f.Add(makeELF(0xffffffff81000010, testSeg{Paddr: 0x1000000, Vaddr: 0xffffffff81000000, Data: make([]byte, 64)}))
 	f.Add(makeELF(0x100000, testSeg{Paddr: 0x100000, Data: []byte{1, 2, 3}, Memsz: 1 << 20}, testSeg{Paddr: 0x300000, Data: []byte{4}}))
 	f.Add([]byte("\x7fELF"))
+	if real := realKernelSeed(); real != nil {
+		// The real vmlinux's ELF and program headers, its segments cut off.
+		if z, err := ParseBzImage(real); err == nil {
+			if v, err := z.Vmlinux(); err == nil {
+				f.Add(v[:elfHeaderSize+3*elfPhdrSize])
+			}
+		}
+	}
 	mem, err := guestmem.New(32 << 20)
 	if err != nil {
 		f.Fatal(err)
@@ -126,4 +140,31 @@ func FuzzBootParams(f *testing.F) {
 			}
 		}
 	})
+}
+
+// realKernelSeed returns the default kernel's real setup code and header
+// with its 16 MB payload replaced by a small zstd one (the real file is
+// not committed; it comes from the Go module cache when present), or nil.
+func realKernelSeed() []byte {
+	dir := os.Getenv("GOMODCACHE")
+	if dir == "" {
+		home, _ := os.UserHomeDir()
+		dir = filepath.Join(home, "go", "pkg", "mod")
+	}
+	b, err := os.ReadFile(filepath.Join(dir, "github.com/gokrazy/kernel.amd64@v0.0.0-20260705070735-de680abf072b/vmlinuz"))
+	if err != nil {
+		return nil
+	}
+	z, err := ParseBzImage(b)
+	if err != nil {
+		return nil
+	}
+	payload, err := linuxboottest.Compress("zstd", testKernel())
+	if err != nil {
+		return nil
+	}
+	off := z.pmOff + int(z.Header.PayloadOffset)
+	out := append(append([]byte(nil), b[:off]...), payload...)
+	binary.LittleEndian.PutUint32(out[offPayloadLength:], uint32(len(payload)))
+	return out
 }
