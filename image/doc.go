@@ -1,2 +1,127 @@
-// Package image turns OCI images into what a gosandbox guest boots from.
+// Package image turns OCI images into what a gosandbox guest boots from:
+// it pulls images from registries (or loads them from Docker/OCI archives),
+// keeps them in a content-addressed cache shared by all sandboxes and
+// processes of a user, converts every layer once into a read-only SquashFS
+// block image, and applies an image's config to commands.
+//
+// # Pulling and the cache
+//
+//	st, _ := image.Open()                         // os.UserCacheDir()/gosandbox/images
+//	img, err := st.Pull(ctx, "python:3.12-slim")  // PullIfMissing by default
+//	paths := img.LayerPaths()                     // SquashFS files, top layer first
+//
+// Pull uses github.com/google/go-containerregistry for the registry protocol
+// (auth from the Docker config and credential helpers through
+// authn.DefaultKeychain, or WithCredentials/WithAuth; plain HTTP and
+// unverified TLS only with WithInsecure; multi-platform indexes resolved to
+// linux/amd64). Layers are fetched WithJobs at a time (default 4), each in one
+// streaming pass: the compressed bytes are hashed against the manifest digest
+// and spooled to the cache, decompressed (gzip, zstd or plain tar, by magic
+// number), hashed against the config's diff_id and converted to SquashFS.
+// Anything that does not verify is discarded and reported as a *DigestError
+// (errors.Is(err, ErrDigestMismatch)). Progress goes to a WithProgress
+// callback (per-layer bytes done/total, calls serialized).
+//
+// The cache (see Store) is safe for several processes: files are written under
+// tmp/ and renamed into place, layer conversion is serialized per diff_id with
+// flock(2), and Prune/Remove take an exclusive lock that Pull and Load hold
+// shared. PullNever fails with ErrNotPresent when the image is missing.
+// Store.Load and Store.Save read and write Docker archives and OCI-layout
+// tarballs; Save writes the cached blobs unchanged, so digests survive a
+// save/load round trip.
+//
+// All methods take a context for the call; nothing stores one. A Store owns
+// no goroutines or open files between calls. Logging goes to an injected
+// *slog.Logger (WithLogger) and is silent by default.
+//
+// # Layer images: format and why
+//
+// The default guest kernel (gokrazy kernel.amd64) has squashfs (zlib only),
+// ext4 and overlayfs built in, but not erofs. Each layer becomes one SquashFS
+// 4.0 image compressed with zlib (package image/squashfs, written in Go by
+// this module; see its package doc for why go-diskfs did not fit). SquashFS
+// rather than ext4 because it is compressed (a layer image is about the size
+// of the gzip blob, not of the unpacked tree), read-only by design, simple to
+// write in one streaming pass, and byte-for-byte deterministic. Images are
+// named by the layer's diff_id, so images sharing a base layer share its file.
+//
+// Conversion (ConvertLayer) keeps permissions (setuid/setgid/sticky
+// included), uid/gid, mtimes (seconds), symlinks, hard links (one inode),
+// character and block devices, FIFOs, and xattrs in the user., trusted. and
+// security. namespaces. OCI whiteouts become overlayfs whiteouts: ".wh.NAME"
+// is stored as a character device 0/0 named NAME, and ".wh..wh..opq" as the
+// xattr trusted.overlay.opaque="y" on its directory. Xattrs SquashFS cannot
+// store (system.*, i.e. POSIX ACLs) and any trusted.overlay.* xattr carried by
+// the layer itself are dropped (counted in LayerStats.DroppedXattrs): a forged
+// overlay redirect or metacopy xattr must not steer the guest's overlayfs.
+// Parent directories a layer does not list get mode 0755, owner 0:0, mtime 0;
+// since the upper directory's metadata wins in overlayfs, layers should list
+// the parents of what they change (every common image builder does).
+//
+// Layers are untrusted. Absolute paths and ".." fail with ErrUnsafePath; hard
+// links that leave the layer, point forward or at a directory, and paths that
+// go through a symlink or a file fail with ErrLinkEscape; a repeated
+// non-directory path (or a file and its whiteout) with ErrDuplicateEntry;
+// malformed or oversized headers (names over 4096 bytes, components over 256,
+// over 2^21 entries, over 64 KiB of xattrs per entry, sparse files expanding
+// beyond 1 GiB) with ErrInvalidLayer; short streams with ErrTruncated. Each is
+// wrapped in a *LayerError naming the entry. Nothing is ever extracted to the
+// host file system: a layer only becomes bytes in one SquashFS file under the
+// cache's tmp/ directory, renamed into place after every check passed.
+//
+// # What the guest must do with the images
+//
+// The host attaches, for a sandbox of image img:
+//
+//   - one read-only virtio-blk device per entry of img.LayerPaths() (top layer
+//     first), each backed by the SquashFS file as is (the files are padded to
+//     4 KiB; no partition table). Give each device a serial the agent can map
+//     back to its layer position (for example "L<index>"), or pass the
+//     device order in the agent's boot request.
+//   - for the writable layer, either nothing (tmpfs upper) or one read-write
+//     virtio-blk device backed by a sparse file of the chosen size holding an
+//     empty ext4 file system (see the note on ext4 below).
+//
+// Inside the guest, the agent (running as root with CAP_SYS_ADMIN, which
+// overlayfs needs for trusted.* xattrs) then does, for layers L0 (top) .. Ln
+// (base):
+//
+//	mount -t squashfs -o ro /dev/vdX /l/<i>        # one per layer, short paths
+//	mount -t tmpfs -o size=<N>,mode=0755 tmpfs /u  # or: mount -t ext4 /dev/vdY /u
+//	mkdir -p /u/upper /u/work
+//	mount -t overlay overlay \
+//	    -o lowerdir=/l/0:/l/1:...:/l/n,upperdir=/u/upper,workdir=/u/work,redirect_dir=off,index=off,metacopy=off \
+//	    /newroot
+//
+// lowerdir lists the top layer first. Keep mount points short: the option
+// string is limited to one page (or use fsconfig "lowerdir+" on Linux 6.5+);
+// overlayfs stacks at most 500 lower layers. The squashfs mounts may add
+// nodev,nosuid (overlayfs detects whiteouts by inode type, not by opening
+// them). Files written by the sandbox go to the upper directory only; the
+// layer images are never modified and can back any number of sandboxes at
+// once.
+//
+// Empty ext4 for the upper layer: this package does not format ext4. The
+// default is a tmpfs upper (bounded by its size= option and guest RAM). A
+// disk-backed upper needs an empty ext4 file system on a sparse file: create
+// it on the host with mkfs.ext4 from e2fsprogs when present, or let the
+// agent format the device in the guest; that is left to the integrator.
+//
+// # Commands
+//
+// CommandFor applies an image's Entrypoint, Cmd, Env, WorkingDir and User
+// together with the caller's Overrides, the way docker run does, and yields
+// the argv, environment, working directory and user spec for the agent to
+// exec. User names are resolved in the guest against the image's
+// /etc/passwd and /etc/group.
+//
+// # Not here yet
+//
+// Lazy pulling of estargz images is designed but not implemented: the plan is
+// to read the estargz table of contents (the footer points at it; package
+// github.com/containerd/stargz-snapshotter/estargz parses it), serve the tree
+// to the guest over virtio-9p (github.com/hugelgupf/p9) and fetch file chunks
+// with HTTP range requests on the layer blob (go-containerregistry's transport
+// gives an authenticated client), prefetching the files listed before the
+// ".prefetch.landmark" entry before the sandbox starts.
 package image
