@@ -5,28 +5,61 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/gosandbox/sandbox/internal/kvmhost"
+	"github.com/gosandbox/sandbox/kernel"
 )
 
-// testKernel returns the vmlinux the Linux tests boot.
-func testKernel(t testing.TB) string {
-	t.Helper()
-	if k := os.Getenv("GOSANDBOX_KERNEL"); k != "" {
-		return k
-	}
-	t.Skip("GOSANDBOX_KERNEL is not set (temporary until the kernel package and the emulated host are wired in)")
-	return ""
+// linuxFixture is what every Linux boot in the tests needs.
+type linuxFixture struct {
+	kernel *kernel.Kernel
+	initrd []byte
 }
 
-// bootTestGuest boots the default kernel with this test binary as init and
-// waits for the VM to end.
-func bootTestGuest(t *testing.T, vcpus int, cmdline string) (*VM, *Exit, string) {
+// prepareLinux resolves the default kernel (downloading and extracting it
+// into the cache if needed) and builds the test init. It runs on the host
+// before Delegate, so that the run inside the emulated host finds both in
+// the shared cache directory.
+func prepareLinux(t *testing.T) *linuxFixture {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	k, err := kernel.Default(ctx)
+	if err != nil {
+		t.Fatalf("default kernel: %v", err)
+	}
+	initPath := os.Getenv("GOSANDBOX_TEST_INIT")
+	if initPath == "" {
+		cache, err := os.UserCacheDir()
+		if err != nil {
+			t.Fatal(err)
+		}
+		dir := filepath.Join(cache, "gosandbox", "test", fmt.Sprintf("vmm-%d", os.Getpid()))
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.RemoveAll(dir) })
+		initPath = buildTestInit(t, dir)
+		t.Setenv("GOSANDBOX_TEST_INIT", initPath) // seen by the delegated run
+	}
+	return &linuxFixture{kernel: k, initrd: testInitramfs(t, initPath)}
+}
+
+// boot boots the kernel with the test init and waits for the VM to end.
+func (f *linuxFixture) boot(t *testing.T, vcpus int, cmdline string) (*VM, *Exit, string) {
 	t.Helper()
 	var con bytes.Buffer
-	vm, err := New(Config{Memory: 512 << 20, VCPUs: vcpus, Console: &con})
+	var out io.Writer = &con
+	if os.Getenv("GOSANDBOX_TEST_CONSOLE") != "" {
+		out = io.MultiWriter(&con, os.Stdout) // watch a boot live
+	}
+	vm, err := New(Config{Memory: 512 << 20, VCPUs: vcpus, Console: out})
 	if err != nil {
 		t.Fatalf("New: %v", err)
 	}
@@ -34,13 +67,14 @@ func bootTestGuest(t *testing.T, vcpus int, cmdline string) (*VM, *Exit, string)
 	// GOSANDBOX_TEST_CMDLINE adds kernel parameters, e.g. "loglevel=7" to
 	// debug a boot.
 	cmdline = strings.TrimSpace(cmdline + " " + os.Getenv("GOSANDBOX_TEST_CMDLINE"))
-	if _, err := vm.LoadLinux(LinuxConfig{Kernel: testKernel(t), Initrd: testInitramfs(t), Cmdline: cmdline}); err != nil {
+	lc := LinuxConfig{Kernel: f.kernel.Vmlinux, SetupHeader: f.kernel.SetupHeader, Initrd: f.initrd, Cmdline: cmdline}
+	if _, err := vm.LoadLinux(lc); err != nil {
 		t.Fatalf("LoadLinux: %v", err)
 	}
 	if err := vm.Start(); err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	ex, err := vm.Wait(ctx)
 	if err != nil {
@@ -50,12 +84,21 @@ func bootTestGuest(t *testing.T, vcpus int, cmdline string) (*VM, *Exit, string)
 	return vm, ex, string(vm.ConsoleLog())
 }
 
-// TestLinux boots the default guest kernel. It needs hardware KVM; on other
-// hosts it runs inside the emulated KVM host.
+// TestLinux boots the default guest kernel with a tiny init on 1 and 2
+// vCPUs, and checks that a kernel panic ends the VM with a typed error. It
+// needs hardware KVM; elsewhere it runs inside the emulated KVM host (one
+// outer VM for all cases).
 func TestLinux(t *testing.T) {
+	f := prepareLinux(t)
+	if kvmhost.Delegate(t, kvmhost.WithTimeout(20*time.Minute)) {
+		return
+	}
+	boots := 0
+	t.Cleanup(func() { t.Logf("booted Linux %d times", boots) })
 	for _, n := range []int{1, 2} {
 		t.Run(fmt.Sprintf("vcpus=%d", n), func(t *testing.T) {
-			vm, ex, con := bootTestGuest(t, n, "")
+			boots++
+			vm, ex, con := f.boot(t, n, "")
 			if ex.Reason != ExitPoweroff {
 				t.Fatalf("exit = %v, want poweroff\nconsole:\n%s", ex, con)
 			}
@@ -71,13 +114,17 @@ func TestLinux(t *testing.T) {
 			if ph.ToFirstRun() <= 0 || ph.ToInit() <= ph.ToFirstRun() {
 				t.Fatalf("phases not recorded in order: %+v", ph)
 			}
-			t.Logf("vcpus=%d: New→first KVM_RUN %v, New→init %v, exits %v", n, ph.ToFirstRun(), ph.ToInit(), vm.Exits())
+			t.Logf("vcpus=%d: New→first KVM_RUN %v, New→init %v, VM exits %v", n, ph.ToFirstRun(), ph.ToInit(), vm.Exits())
 		})
 	}
 	t.Run("panic", func(t *testing.T) {
-		_, ex, con := bootTestGuest(t, 1, "GOSANDBOX_TEST_PANIC=1")
+		boots++
+		_, ex, con := f.boot(t, 1, "GOSANDBOX_TEST_PANIC=1")
 		if ex.Reason != ExitPanic || !errors.Is(ex.AsError(), ErrGuestPanic) {
 			t.Fatalf("exit = %v (%v), want guest panic\nconsole:\n%s", ex, ex.AsError(), con)
+		}
+		if !strings.Contains(ex.Detail, "Kernel panic") {
+			t.Errorf("exit detail %q does not quote the panic", ex.Detail)
 		}
 	})
 }
