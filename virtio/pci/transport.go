@@ -110,6 +110,7 @@ type Transport struct {
 	driverFeat   uint64
 	status       uint8
 	generation   uint8
+	epoch        uint64 // bumped by every reset; stale workers' calls are ignored
 	queueSel     uint16
 	configVector uint16
 	queues       []queueState
@@ -498,9 +499,9 @@ func (t *Transport) setStatusLocked(v uint8) (activate, reset bool) {
 	if v == 0 {
 		return false, true
 	}
-	if t.status&virtio.StatusNeedsReset != 0 {
-		v |= virtio.StatusNeedsReset
-	}
+	// Status bits only accumulate until a reset (the driver must not
+	// clear them; a hostile one could otherwise activate twice).
+	v |= t.status
 	if v&virtio.StatusFeaturesOK != 0 && t.status&virtio.StatusFeaturesOK == 0 {
 		if t.driverFeat&^t.offered != 0 || t.driverFeat&virtio.FeatureVersion1 == 0 {
 			t.log.Debug("virtio-pci: feature negotiation failed", "slot", t.slot,
@@ -511,7 +512,7 @@ func (t *Transport) setStatusLocked(v uint8) (activate, reset bool) {
 	if v&virtio.StatusDriverOK != 0 && t.status&virtio.StatusDriverOK == 0 {
 		if v&virtio.StatusFeaturesOK == 0 {
 			v &^= virtio.StatusDriverOK
-		} else if t.status&virtio.StatusNeedsReset == 0 {
+		} else if t.status&virtio.StatusNeedsReset == 0 && !t.active {
 			activate = true
 		}
 	}
@@ -521,6 +522,7 @@ func (t *Transport) setStatusLocked(v uint8) (activate, reset bool) {
 
 func (t *Transport) enableQueueLocked(i int) {
 	qs := &t.queues[i]
+	epoch := t.epoch
 	q, err := virtio.NewQueue(t.mem, virtio.QueueConfig{
 		Index:     i,
 		Size:      qs.size,
@@ -530,8 +532,8 @@ func (t *Transport) enableQueueLocked(i int) {
 		UsedAddr:  qs.device,
 		EventIdx:  t.driverFeat&virtio.FeatureEventIdx != 0,
 		Indirect:  t.driverFeat&virtio.FeatureIndirectDesc != 0,
-		Interrupt: func() error { t.queueInterrupt(i); return nil },
-		Fail:      t.fail,
+		Interrupt: func() error { t.queueInterrupt(epoch, i); return nil },
+		Fail:      t.failFunc(epoch),
 	})
 	if err != nil {
 		t.failLocked(err)
@@ -550,12 +552,13 @@ func (t *Transport) activationLocked() *virtio.Activation {
 		}
 	}
 	t.active = true
+	epoch := t.epoch
 	return &virtio.Activation{
 		Mem:           t.mem,
 		Features:      t.driverFeat,
 		Queues:        qs,
-		Fail:          t.fail,
-		ConfigChanged: t.configChanged,
+		Fail:          t.failFunc(t.epoch),
+		ConfigChanged: func() { t.configChanged(epoch) },
 	}
 }
 
@@ -570,6 +573,7 @@ func (t *Transport) resetQueuesLocked() {
 // resetLocked returns the transport to its initial state (device status
 // 0). The MSI-X table is PCI state and survives a virtio reset.
 func (t *Transport) resetLocked() {
+	t.epoch++
 	t.resetQueuesLocked()
 	t.status = 0
 	t.active = false
@@ -581,8 +585,19 @@ func (t *Transport) resetLocked() {
 	t.updateINTxLocked()
 }
 
-// fail marks the device broken (NEEDS_RESET) and tells the driver with a
-// configuration-change interrupt.
+// failFunc returns the Fail callback for the current epoch: it marks the
+// device broken (NEEDS_RESET) and tells the driver with a
+// configuration-change interrupt, unless the device was reset since.
+func (t *Transport) failFunc(epoch uint64) func(error) {
+	return func(err error) {
+		t.mu.Lock()
+		defer t.mu.Unlock()
+		if t.epoch == epoch {
+			t.failLocked(err)
+		}
+	}
+}
+
 func (t *Transport) fail(err error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -601,9 +616,12 @@ func (t *Transport) failLocked(err error) {
 	}
 }
 
-func (t *Transport) configChanged() {
+func (t *Transport) configChanged(epoch uint64) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	if t.epoch != epoch {
+		return
+	}
 	t.generation++
 	t.configInterruptLocked()
 }
@@ -617,10 +635,10 @@ func (t *Transport) configInterruptLocked() {
 	t.updateINTxLocked()
 }
 
-func (t *Transport) queueInterrupt(i int) {
+func (t *Transport) queueInterrupt(epoch uint64, i int) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if t.closed {
+	if t.closed || t.epoch != epoch {
 		return
 	}
 	if t.msix.enabled {
