@@ -13,10 +13,10 @@ import (
 const kvmio = 0xAE
 
 func ioc(dir, nr, size uintptr) uintptr { return dir<<30 | size<<16 | kvmio<<8 | nr }
-func io_(nr uintptr) uintptr              { return ioc(0, nr, 0) }
-func iow(nr, size uintptr) uintptr        { return ioc(1, nr, size) }
-func ior(nr, size uintptr) uintptr        { return ioc(2, nr, size) }
-func iowr(nr, size uintptr) uintptr       { return ioc(3, nr, size) }
+func io_(nr uintptr) uintptr            { return ioc(0, nr, 0) }
+func iow(nr, size uintptr) uintptr      { return ioc(1, nr, size) }
+func ior(nr, size uintptr) uintptr      { return ioc(2, nr, size) }
+func iowr(nr, size uintptr) uintptr     { return ioc(3, nr, size) }
 
 var (
 	kvmGetAPIVersion       = io_(0x00)

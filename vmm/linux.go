@@ -74,6 +74,9 @@ func (vm *VM) LoadLinux(lc LinuxConfig) (*linuxboot.Loaded, error) {
 	var loaded *linuxboot.Loaded
 	switch {
 	case linuxboot.IsELF(head):
+		// Map the segments copy-on-write from the file: no copy, and VMs
+		// booting the same kernel share its page cache.
+		cfg.Mapper = vm.mem
 		loaded, err = linuxboot.LoadELF(vm.mem, f, st.Size(), cfg)
 	case linuxboot.IsBzImage(head):
 		b, rerr := os.ReadFile(lc.Kernel)

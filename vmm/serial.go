@@ -41,8 +41,8 @@ type Serial struct {
 	mu      sync.Mutex
 	out     io.Writer // may be nil
 	log     *RingLog
-	irq     func()          // pulses the UART's interrupt line; may be nil
-	onLine  func(string)    // called for every complete output line; may be nil
+	irq     func()       // pulses the UART's interrupt line; may be nil
+	onLine  func(string) // called for every complete output line; may be nil
 	line    []byte
 	in      []byte // pending input bytes
 	ier     uint8

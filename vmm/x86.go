@@ -251,7 +251,7 @@ func writeMPTable(mem *guestmem.Memory, n int) error {
 		if i == 0 {
 			p[3] |= 2 // boot processor
 		}
-		binary.LittleEndian.PutUint32(p[4:], 0x600)  // family 6
+		binary.LittleEndian.PutUint32(p[4:], 0x600) // family 6
 		binary.LittleEndian.PutUint32(p[8:], 0x201) // FPU, APIC
 		p = p[cpuLen:]
 	}

@@ -2,6 +2,7 @@ package guestmem
 
 import (
 	"errors"
+	"os"
 	"testing"
 )
 
@@ -82,4 +83,48 @@ func FuzzSlice(f *testing.F) {
 			t.Fatalf("accepted [%#x,+%d)", gpa, n)
 		}
 	})
+}
+
+func TestMapFileIsCopyOnWrite(t *testing.T) {
+	m, err := New(1 << 20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	path := t.TempDir() + "/f"
+	data := make([]byte, 3*PageSize)
+	for i := range data {
+		data[i] = byte(i / PageSize * 7)
+	}
+	if err := os.WriteFile(path, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := m.MapFile(0x4000, f, PageSize, 2*PageSize); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 2*PageSize)
+	if err := m.ReadAt(got, 0x4000); err != nil {
+		t.Fatal(err)
+	}
+	if got[0] != 7 || got[PageSize] != 14 {
+		t.Fatalf("mapped bytes %d %d, want 7 14", got[0], got[PageSize])
+	}
+	if err := m.PutUint32(0x4000, 0xdeadbeef); err != nil {
+		t.Fatal(err)
+	}
+	after, _ := os.ReadFile(path)
+	if after[PageSize] != 7 {
+		t.Fatal("a guest write reached the file")
+	}
+	if err := m.MapFile(0x4001, f, 0, PageSize); err == nil {
+		t.Fatal("unaligned MapFile accepted")
+	}
+	if err := m.MapFile(1<<20-PageSize, f, 0, 2*PageSize); !errors.Is(err, ErrOutOfRange) {
+		t.Fatalf("MapFile past the end: %v", err)
+	}
 }
