@@ -159,3 +159,26 @@ func TestRunFailures(t *testing.T) {
 		}
 	}
 }
+
+// BenchmarkRunTrue measures one outer VM run of /bin/true: boot-s is QEMU
+// start to the program running, uptime-s the outer kernel's uptime then,
+// total-s QEMU start to exit.
+func BenchmarkRunTrue(b *testing.B) {
+	if m, err := Detect(); m == Unavailable {
+		b.Skipf("emulated KVM host unavailable: %v", err)
+	}
+	var boot, up, total time.Duration
+	for b.Loop() {
+		res, err := RunResult(context.Background(), Config{Program: "/bin/true", Timeout: 10 * time.Minute})
+		if err != nil || res.ExitCode != 0 {
+			b.Fatalf("exit %d, %v", res.ExitCode, err)
+		}
+		boot += res.Boot
+		up += res.GuestUptime
+		total += res.Total
+	}
+	n := float64(b.N)
+	b.ReportMetric(boot.Seconds()/n, "boot-s")
+	b.ReportMetric(up.Seconds()/n, "uptime-s")
+	b.ReportMetric(total.Seconds()/n, "total-s")
+}

@@ -98,7 +98,7 @@ func RunResult(ctx context.Context, cfg Config) (Result, error) {
 		return Result{}, err
 	}
 
-	args := qemuArgs(&c, k.image, initrd, work, shareTags)
+	args := qemuArgs(&c, bootImage(ctx, log, k), initrd, work, shareTags)
 	res, err := runQEMU(ctx, &c, tl.qemu, args, work)
 	res.Kernel = k.key
 	if err == nil {

@@ -761,3 +761,56 @@ func TestInnerTestArgs(t *testing.T) {
 		t.Errorf("args = %q", args)
 	}
 }
+
+func TestBzPayload(t *testing.T) {
+	bz := make([]byte, 0x1000)
+	copy(bz[0x202:], "HdrS")
+	binary.LittleEndian.PutUint16(bz[0x206:], 0x20f)
+	bz[0x1f1] = 1 // protected-mode code at 1024
+	binary.LittleEndian.PutUint32(bz[0x248:], 16)
+	binary.LittleEndian.PutUint32(bz[0x24c:], 4)
+	copy(bz[1024+16:], "PAYL")
+	p, err := bzPayload(bz)
+	if err != nil || string(p) != "PAYL" {
+		t.Fatalf("payload %q, %v", p, err)
+	}
+	binary.LittleEndian.PutUint32(bz[0x24c:], 0xffffffff)
+	if _, err := bzPayload(bz); !errors.Is(err, errNoVmlinux) {
+		t.Errorf("oversized payload: %v", err)
+	}
+	if _, err := bzPayload(bz[:0x100]); !errors.Is(err, errNoVmlinux) {
+		t.Errorf("short file: %v", err)
+	}
+	if _, err := extractVmlinux(moduleELF(nil)); !errors.Is(err, errNoVmlinux) {
+		t.Errorf("ELF as bzImage: %v", err)
+	}
+}
+
+func TestHasNote(t *testing.T) {
+	note := func(owner string, typ uint32, desc int) []byte {
+		b := make([]byte, 12)
+		binary.LittleEndian.PutUint32(b, uint32(len(owner)+1))
+		binary.LittleEndian.PutUint32(b[4:], uint32(desc))
+		binary.LittleEndian.PutUint32(b[8:], typ)
+		name := make([]byte, (len(owner)+1+3)&^3)
+		copy(name, owner)
+		return append(append(b, name...), make([]byte, (desc+3)&^3)...)
+	}
+	data := append(note("GNU", 3, 20), note("Xen", 18, 4)...)
+	if !hasNote(data, "Xen", 18) {
+		t.Error("PVH note not found")
+	}
+	if hasNote(note("Xen", 17, 4), "Xen", 18) || hasNote(data[:len(data)-2], "Xen", 18) {
+		t.Error("wrong or truncated note accepted")
+	}
+}
+
+func FuzzBzPayload(f *testing.F) {
+	f.Add(make([]byte, 0x300))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		if p, err := bzPayload(b); err == nil && len(p) > len(b) {
+			t.Fatal("payload longer than file")
+		}
+		hasNote(b, "Xen", 18)
+	})
+}
