@@ -3,6 +3,7 @@ package vmm
 import (
 	"bufio"
 	"context"
+	"fmt"
 	"os"
 	"runtime"
 	"strconv"
@@ -57,8 +58,14 @@ func settle(t testing.TB, want resources) resources {
 	return r
 }
 
-func runOneVM(t testing.TB, vcpus int) {
+// runOneVM runs and closes a VM and returns the host ranges its guest
+// memory occupied ("start-end" as /proc/self/maps prints them).
+func runOneVM(t testing.TB, vcpus int) []string {
 	vm, _ := newTestVM(t, vcpus, nil)
+	var ranges []string
+	for _, r := range vm.Memory().Regions() {
+		ranges = append(ranges, fmt.Sprintf("%x-%x ", r.HostAddr(), r.HostAddr()+uintptr(r.Size)))
+	}
 	for i := 0; i < vcpus; i++ {
 		addr := uint64(codeAddr + 0x1000*i)
 		if err := vm.Memory().WriteAt(idGuest(uint32(i)), addr); err != nil {
@@ -83,6 +90,7 @@ func runOneVM(t testing.TB, vcpus int) {
 	if err := vm.Close(); err != nil {
 		t.Fatal(err)
 	}
+	return ranges
 }
 
 func TestCloseLeavesNothingBehind(t *testing.T) {
@@ -94,8 +102,9 @@ func TestCloseLeavesNothingBehind(t *testing.T) {
 	before := settle(t, resources{})
 	before = countResources(t)
 	const n = 100
+	var guestRanges []string
 	for i := 0; i < n; i++ {
-		runOneVM(t, 2)
+		guestRanges = append(guestRanges, runOneVM(t, 2)...)
 	}
 	after := settle(t, before)
 	t.Logf("before %d VMs: %+v; after: %+v", n, before, after)
@@ -105,12 +114,20 @@ func TestCloseLeavesNothingBehind(t *testing.T) {
 	// The Go runtime may start an idle worker thread (with its stack
 	// mapping) while vCPU threads block in KVM_RUN; it keeps at most a few.
 	// A per-VM leak would show up n times over.
+	// Heap growth moves the count a little either way; the guest memory
+	// of every VM is checked exactly below.
 	const runtimeSlack = 2
-	if after.maps > before.maps+runtimeSlack {
+	if after.maps > before.maps+4*runtimeSlack {
 		t.Errorf("mappings: %d before, %d after %d VMs", before.maps, after.maps, n)
 	}
-	if m, _ := os.ReadFile("/proc/self/maps"); strings.Contains(string(m), "kvm") {
+	m, _ := os.ReadFile("/proc/self/maps")
+	if strings.Contains(string(m), "kvm") {
 		t.Errorf("a kvm mapping survived Close:\n%s", m)
+	}
+	for _, r := range guestRanges {
+		if strings.Contains(string(m), "\n"+r) || strings.HasPrefix(string(m), r) {
+			t.Errorf("guest memory %s is still mapped after Close", r)
+		}
 	}
 	if after.goroutines > before.goroutines {
 		t.Errorf("goroutines: %d before, %d after %d VMs", before.goroutines, after.goroutines, n)
