@@ -5,7 +5,9 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -68,6 +70,10 @@ type Config struct {
 	// AssetDir holds the cached kernel and initramfs. Empty means
 	// os.UserCacheDir()/gosandbox/kvmhost.
 	AssetDir string
+	// Slots is how many outer VMs may run at once on this machine, counted
+	// across processes through lock files; Run waits for a free one. Zero
+	// means $GOSANDBOX_KVMHOST_SLOTS, else one per two CPUs (at least one).
+	Slots int
 	// Logger receives progress (what was installed, boot time). Nil means
 	// silent.
 	Logger *slog.Logger
@@ -169,6 +175,16 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if !filepath.IsAbs(c.AssetDir) {
 		return c, invalidf("AssetDir %q is not absolute", c.AssetDir)
+	}
+	if c.Slots == 0 {
+		if v, err := strconv.Atoi(os.Getenv(EnvSlots)); err == nil && v > 0 {
+			c.Slots = v
+		} else {
+			c.Slots = max(1, runtime.NumCPU()/2)
+		}
+	}
+	if c.Slots < 0 {
+		return c, invalidf("Slots %d is negative", c.Slots)
 	}
 	if c.Stdout == nil {
 		c.Stdout = io.Discard

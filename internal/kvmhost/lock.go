@@ -79,3 +79,40 @@ func writeFileAtomic(path string, data []byte, perm os.FileMode) error {
 	}
 	return os.Rename(tmp.Name(), path)
 }
+
+// EnvSlots overrides how many outer VMs may run at once on this machine
+// (across processes); the default is one per two CPUs, at least one.
+const EnvSlots = "GOSANDBOX_KVMHOST_SLOTS"
+
+// acquireSlot takes one of n machine-wide outer VM slots (lock files under
+// dir), waiting until one is free or ctx ends. TCG VMs are CPU-bound: more
+// of them than cores/2 only slow each other down, and inner tests with
+// timeouts then fail for no reason of their own.
+func acquireSlot(ctx context.Context, dir string, n int, waiting func()) (*fileLock, error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	warned := false
+	for {
+		for i := 0; i < n; i++ {
+			p := filepath.Join(dir, fmt.Sprintf("slot%d.lock", i))
+			f, err := os.OpenFile(p, os.O_RDWR|os.O_CREATE|unix.O_CLOEXEC, 0o644)
+			if err != nil {
+				return nil, err
+			}
+			if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err == nil {
+				return &fileLock{f: f}, nil
+			}
+			f.Close()
+		}
+		if !warned && waiting != nil {
+			waiting()
+			warned = true
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("waiting for a free outer VM slot: %w", ctx.Err())
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}

@@ -98,7 +98,24 @@ func RunResult(ctx context.Context, cfg Config) (Result, error) {
 		return Result{}, err
 	}
 
-	args := qemuArgs(&c, bootImage(ctx, log, k), initrd, work, shareTags)
+	image := bootImage(ctx, log, k)
+	args := qemuArgs(&c, image, initrd, work, shareTags)
+	if c.Timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, c.Timeout)
+		defer cancel()
+	}
+	waitStart := time.Now()
+	slot, err := acquireSlot(ctx, filepath.Join(c.AssetDir, "slots"), c.Slots, func() {
+		log.Info("kvmhost: waiting for a free outer VM slot", "slots", c.Slots, "env", EnvSlots)
+	})
+	if err != nil {
+		return Result{}, &VMError{Kind: ErrTimeout, Detail: err.Error()}
+	}
+	defer slot.unlock()
+	if w := time.Since(waitStart); w > time.Second {
+		log.Info("kvmhost: got an outer VM slot", "waited", w.Round(time.Millisecond))
+	}
 	res, err := runQEMU(ctx, &c, tl.qemu, args, work)
 	res.Kernel = k.key
 	if err == nil {
@@ -144,11 +161,6 @@ func qemuArgs(c *Config, kernelImage, initrd, work string, shareTags map[string]
 // waits for QEMU to end (or kills it on timeout) and reads the status.
 func runQEMU(ctx context.Context, c *Config, qemu string, args []string, work string) (Result, error) {
 	var res Result
-	if c.Timeout > 0 {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, c.Timeout)
-		defer cancel()
-	}
 	con := &consoleBuf{extra: c.Console}
 	cmd := exec.Command(qemu, args...)
 	cmd.Stdin = nil

@@ -814,3 +814,28 @@ func FuzzBzPayload(f *testing.F) {
 		hasNote(b, "Xen", 18)
 	})
 }
+
+func TestAcquireSlot(t *testing.T) {
+	dir := t.TempDir()
+	a, err := acquireSlot(context.Background(), dir, 2, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := acquireSlot(context.Background(), dir, 2, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	waited := false
+	if _, err := acquireSlot(ctx, dir, 2, func() { waited = true }); !errors.Is(err, context.DeadlineExceeded) || !waited {
+		t.Errorf("third slot of two: err = %v, waiting called: %v", err, waited)
+	}
+	a.unlock()
+	c, err := acquireSlot(context.Background(), dir, 2, nil)
+	if err != nil {
+		t.Fatalf("slot after release: %v", err)
+	}
+	b.unlock()
+	c.unlock()
+}
