@@ -266,7 +266,8 @@ func (r *Resize) Validate() error { return nil }
 
 // Signal delivers a signal to a process.
 type Signal struct {
-	Signal int `json:"signal"` // Linux signal number
+	Signal int  `json:"signal"`          // Linux signal number
+	Group  bool `json:"group,omitempty"` // signal the process group (the exec is a session leader), not just the process
 }
 
 // Validate implements Payload.
