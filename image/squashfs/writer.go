@@ -8,9 +8,11 @@ import (
 	"io"
 	"io/fs"
 	"math"
+	"runtime"
 	"slices"
 	"sort"
 	"strings"
+	"sync"
 
 	"github.com/klauspost/compress/zlib"
 )
@@ -129,6 +131,19 @@ func WithModTime(t int64) Option {
 	return func(w *Writer) error { w.mkfsTime = clampTime(t); return nil }
 }
 
+// WithConcurrency sets how many goroutines compress data blocks (default
+// GOMAXPROCS, at most 8). The output is the same for every value. The
+// goroutines live only inside Add and Finish calls.
+func WithConcurrency(n int) Option {
+	return func(w *Writer) error {
+		if n < 1 || n > 256 {
+			return fmt.Errorf("%w: concurrency %d is not in 1..256", ErrInvalidEntry, n)
+		}
+		w.conc = n
+		return nil
+	}
+}
+
 // WithCompressionLevel sets the zlib level (1 fastest .. 9 smallest). The
 // default is 6, like mksquashfs... except faster thanks to klauspost/compress.
 func WithCompressionLevel(level int) Option {
@@ -177,9 +192,14 @@ type Writer struct {
 	root      *node
 	finished  bool
 
-	buf  []byte
 	cbuf bytes.Buffer
 	zw   *zlib.Writer
+
+	conc    int
+	batch   int
+	queue   []pending
+	free    [][]byte
+	workers []*zworker
 
 	nodes int
 }
@@ -202,7 +222,10 @@ func NewWriter(out io.WriterAt, opts ...Option) (*Writer, error) {
 		}
 	}
 	w.root.mode = 0o755
-	w.buf = make([]byte, w.blockSize)
+	if w.conc == 0 {
+		w.conc = min(runtime.GOMAXPROCS(0), 8)
+	}
+	w.batch = 4 * w.conc
 	zw, err := zlib.NewWriterLevel(&w.cbuf, w.level)
 	if err != nil {
 		return nil, fmt.Errorf("squashfs: zlib: %w", err)
@@ -498,40 +521,152 @@ func isZero(b []byte) bool {
 	return true
 }
 
+// pending is a data block read but not yet compressed and written. Blocks
+// are queued across files and compressed in parallel batches; they are
+// written strictly in queue order, so the output does not depend on the
+// number of workers.
+type pending struct {
+	n     *node
+	first bool // first block of n
+	data  []byte
+	zero  bool
+	out   []byte // compressed form, when smaller
+}
+
+// zworker is per-worker compression state, reused across batches.
+type zworker struct {
+	zw  *zlib.Writer
+	buf bytes.Buffer
+}
+
 func (w *Writer) writeData(n *node, r io.Reader) error {
-	n.start = uint64(w.off)
+	first := true
 	for {
-		k, err := io.ReadFull(r, w.buf)
+		buf := w.getBuf()
+		k, err := io.ReadFull(r, buf)
 		if k > 0 {
-			blk := w.buf[:k]
+			blk := buf[:k]
 			n.size += uint64(k)
-			switch {
-			case isZero(blk):
-				n.blocks = append(n.blocks, 0)
-				n.sparse += uint64(k)
-			default:
-				smaller, cerr := w.compress(blk)
-				if cerr != nil {
-					return cerr
+			w.queue = append(w.queue, pending{n: n, first: first, data: blk, zero: isZero(blk)})
+			first = false
+			if len(w.queue) >= w.batch {
+				if ferr := w.flushData(); ferr != nil {
+					return ferr
 				}
-				out, sz := blk, uint32(k)|uncompressedBit
-				if smaller {
-					out, sz = w.cbuf.Bytes(), uint32(w.cbuf.Len())
-				}
-				if _, werr := w.out.WriteAt(out, w.off); werr != nil {
-					return werr
-				}
-				w.off += int64(len(out))
-				n.blocks = append(n.blocks, sz)
 			}
+		} else {
+			w.putBuf(buf)
 		}
 		if err == io.EOF || err == io.ErrUnexpectedEOF {
+			if first { // empty file: no blocks
+				w.queue = append(w.queue, pending{n: n, first: true, zero: true, data: nil})
+			}
 			return nil
 		}
 		if err != nil {
 			return err
 		}
 	}
+}
+
+func (w *Writer) getBuf() []byte {
+	if k := len(w.free); k > 0 {
+		b := w.free[k-1]
+		w.free = w.free[:k-1]
+		return b[:w.blockSize]
+	}
+	return make([]byte, w.blockSize)
+}
+
+func (w *Writer) putBuf(b []byte) { w.free = append(w.free, b[:cap(b)]) }
+
+// flushData compresses the queued blocks (in parallel when there are
+// several workers), writes them in order and records their sizes.
+func (w *Writer) flushData() error {
+	q := w.queue
+	if len(q) == 0 {
+		return nil
+	}
+	for len(w.workers) < w.conc {
+		zw, err := zlib.NewWriterLevel(io.Discard, w.level)
+		if err != nil {
+			return err
+		}
+		w.workers = append(w.workers, &zworker{zw: zw})
+	}
+	errs := make([]error, len(w.workers))
+	outs := make([][]byte, len(q))
+	work := func(wi int) {
+		z := w.workers[wi]
+		for i := wi; i < len(q); i += len(w.workers) {
+			if q[i].zero {
+				continue
+			}
+			start := z.buf.Len()
+			z.zw.Reset(&z.buf)
+			if _, err := z.zw.Write(q[i].data); err != nil {
+				errs[wi] = err
+				return
+			}
+			if err := z.zw.Close(); err != nil {
+				errs[wi] = err
+				return
+			}
+			if z.buf.Len()-start < len(q[i].data) {
+				outs[i] = z.buf.Bytes()[start:z.buf.Len():z.buf.Len()]
+			} else {
+				z.buf.Truncate(start)
+			}
+		}
+	}
+	for _, z := range w.workers {
+		z.buf.Reset()
+	}
+	if len(w.workers) == 1 || len(q) == 1 {
+		for wi := range w.workers {
+			work(wi)
+		}
+	} else {
+		var wg sync.WaitGroup
+		for wi := range w.workers {
+			wg.Add(1)
+			go func() { defer wg.Done(); work(wi) }()
+		}
+		wg.Wait()
+	}
+	for _, err := range errs {
+		if err != nil {
+			return err
+		}
+	}
+	for i := range q {
+		p := &q[i]
+		if p.first {
+			p.n.start = uint64(w.off)
+		}
+		if p.data == nil {
+			continue
+		}
+		switch {
+		case p.zero:
+			p.n.blocks = append(p.n.blocks, 0)
+			p.n.sparse += uint64(len(p.data))
+		default:
+			out, sz := p.data, uint32(len(p.data))|uncompressedBit
+			if outs[i] != nil {
+				out, sz = outs[i], uint32(len(outs[i]))
+			}
+			if _, err := w.out.WriteAt(out, w.off); err != nil {
+				return err
+			}
+			w.off += int64(len(out))
+			p.n.blocks = append(p.n.blocks, sz)
+		}
+		w.putBuf(p.data)
+		q[i] = pending{}
+	}
+	w.queue = q[:0]
+	return nil
 }
 
 // metaWriter accumulates a metadata table: 8 KiB blocks, each stored with a
@@ -652,6 +787,10 @@ func (w *Writer) Finish() (int64, error) {
 		return 0, ErrFinished
 	}
 	w.finished = true
+	if err := w.flushData(); err != nil {
+		return 0, err
+	}
+	w.free, w.workers = nil, nil
 	f := &finisher{w: w, idIdx: map[uint32]uint16{}, xdedup: map[string]uint32{}}
 	f.inodes.w, f.dirs.w, f.xkv.w = w, w, w
 	f.number(w.root)

@@ -184,3 +184,24 @@ func (m *memFile) WriteAt(p []byte, off int64) (int, error) {
 	copy(m.b[off:], p)
 	return len(p), nil
 }
+
+func TestConcurrencyDeterministic(t *testing.T) {
+	var imgs [][]byte
+	for _, c := range []int{1, 3, 8} {
+		var m memFile
+		w, err := squashfs.NewWriter(&m, squashfs.WithConcurrency(c))
+		must(t, err)
+		for i := 0; i < 50; i++ {
+			d := bytes.Repeat([]byte(fmt.Sprintf("file %d ", i)), i*997)
+			must(t, w.Add(squashfs.Entry{Path: fmt.Sprintf("d%d/f%d", i%3, i), Type: squashfs.TypeRegular, Mode: 0o644}, bytes.NewReader(d)))
+		}
+		_, err = w.Finish()
+		must(t, err)
+		imgs = append(imgs, m.b)
+	}
+	for i := 1; i < len(imgs); i++ {
+		if !bytes.Equal(imgs[0], imgs[i]) {
+			t.Fatalf("output with concurrency #%d differs from concurrency 1", i)
+		}
+	}
+}
