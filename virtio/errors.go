@@ -44,6 +44,7 @@ type QueueError struct {
 	Err   error  // one of the Err* sentinels above
 }
 
+// Error implements error.
 func (e *QueueError) Error() string {
 	return fmt.Sprintf("virtio: queue %d: %s: %v (the guest driver is buggy or hostile; the device is marked NEEDS_RESET until the guest resets it)", e.Queue, e.What, e.Err)
 }
