@@ -10,7 +10,6 @@ import (
 
 	"github.com/klauspost/compress/zstd"
 	"github.com/pierrec/lz4/v4"
-	"github.com/ulikunitz/xz"
 	"github.com/ulikunitz/xz/lzma"
 )
 
@@ -278,17 +277,7 @@ func Decompress(payload []byte, limit int64) ([]byte, error) {
 	case Bzip2:
 		out, err = readCapped(bzip2.NewReader(bytes.NewReader(stream)), size)
 	case XZ:
-		// The kernel's own xz payloads use the x86 BCJ filter, which
-		// github.com/ulikunitz/xz does not implement: limitXZHeader
-		// reports that as ErrUnsupported.
-		if stream, err = limitXZHeader(stream, size); err != nil {
-			return nil, err
-		}
-		var r *xz.Reader
-		r, err = xz.ReaderConfig{SingleStream: true}.NewReader(bytes.NewReader(stream))
-		if err == nil {
-			out, err = readCapped(r, size)
-		}
+		out, err = decodeXZ(stream, size)
 	case LZMA:
 		var r *lzma.Reader
 		r, err = lzma.NewReader(bytes.NewReader(limitLZMAHeader(stream, size)))

@@ -53,6 +53,9 @@
 // allocate section and string tables, which the loader does not need and
 // which would only widen the surface exposed to a hostile file.
 // Decompression uses well-kept libraries: github.com/klauspost/compress/zstd,
-// compress/gzip, compress/bzip2, github.com/ulikunitz/xz (xz and lzma) and
-// github.com/pierrec/lz4/v4 (the legacy lz4 frame the kernel uses).
+// compress/gzip, compress/bzip2, github.com/ulikunitz/xz/lzma (lzma, and the
+// raw LZMA2 inside xz) and github.com/pierrec/lz4/v4 (the legacy lz4 frame
+// the kernel uses). The .xz container and its x86 BCJ filter are read here
+// (xz.go), because kernel xz payloads use that filter and no maintained Go
+// library implements it.
 package linuxboot

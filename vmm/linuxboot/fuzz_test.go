@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"testing"
 
@@ -167,4 +168,42 @@ func realKernelSeed() []byte {
 	out := append(append([]byte(nil), b[:off]...), payload...)
 	binary.LittleEndian.PutUint32(out[offPayloadLength:], uint32(len(payload)))
 	return out
+}
+
+func FuzzDecompress(f *testing.F) {
+	k := testKernel()
+	for _, c := range []Compression{Zstd, Gzip, XZ, LZ4, LZMA} {
+		f.Add(compress(f, c, k))
+	}
+	if xzPath, err := exec.LookPath("xz"); err == nil {
+		// The kernel's own xz flavour: x86 BCJ, then LZMA2, CRC32 checks.
+		cmd := exec.Command(xzPath, "--check=crc32", "--x86", "--lzma2", "-c")
+		cmd.Stdin = bytes.NewReader(k)
+		if out, err := cmd.Output(); err == nil {
+			f.Add(sizeAppend(out, len(k)))
+		}
+	}
+	f.Fuzz(func(t *testing.T, p []byte) {
+		out, err := Decompress(p, 1<<20)
+		if err != nil {
+			if !errors.Is(err, ErrFormat) {
+				t.Fatalf("untyped error %v", err)
+			}
+			return
+		}
+		if want := binary.LittleEndian.Uint32(p[len(p)-4:]); uint32(len(out)) != want || len(out) > 1<<20 {
+			t.Fatalf("%d bytes out, declared %d", len(out), want)
+		}
+	})
+}
+
+func FuzzBCJ(f *testing.F) {
+	f.Add([]byte{0xe8, 1, 2, 3, 0, 0xe9, 0xff, 0xff, 0xff, 0xff, 0x90, 0xe8, 0xe8, 0, 0, 0, 0xff}, uint32(0))
+	f.Fuzz(func(t *testing.T, b []byte, start uint32) {
+		n := len(b)
+		bcjX86Decode(b, start)
+		if len(b) != n {
+			t.Fatal("length changed")
+		}
+	})
 }

@@ -542,13 +542,28 @@ func BenchmarkDecompressZstd(b *testing.B) {
 // uses (same flags as scripts/Makefile.lib), when they are installed.
 func TestKernelStyleCLI(t *testing.T) {
 	want := append(testKernel(), make([]byte, 3000)...)
+	// Real x86 code, full of E8/E9 branches for the BCJ filter: this test
+	// binary's first 512 KiB.
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	exe, err := os.ReadFile(self)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want = append(want, exe[:min(len(exe), 512<<10)]...)
 	cases := []struct {
 		tool string
 		args []string
 		c    Compression
 		err  error
 	}{
-		{"xz", []string{"--check=crc32", "--x86", "--lzma2=dict=32MiB", "-c"}, XZ, ErrUnsupported},
+		{"xz", []string{"--check=crc32", "--x86", "--lzma2=dict=32MiB", "-c"}, XZ, nil},
+		{"xz", []string{"--check=crc64", "--x86", "--lzma2", "-c"}, XZ, nil},
+		{"xz", []string{"--check=sha256", "--x86=start=4096", "--lzma2", "-c"}, XZ, nil},
+		{"xz", []string{"--check=none", "-T2", "--block-size=65536", "--x86", "--lzma2", "-c"}, XZ, nil},
+		{"xz", []string{"--check=crc32", "--delta", "--lzma2", "-c"}, XZ, ErrUnsupported},
 		{"xz", []string{"--check=crc32", "--lzma2=dict=32MiB", "-c"}, XZ, nil},
 		{"lzma", []string{"-9", "-c"}, LZMA, nil},
 		{"bzip2", []string{"-9", "-c"}, Bzip2, nil},
