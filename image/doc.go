@@ -101,11 +101,15 @@
 // layer images are never modified and can back any number of sandboxes at
 // once.
 //
-// Empty ext4 for the upper layer: this package does not format ext4. The
-// default is a tmpfs upper (bounded by its size= option and guest RAM). A
-// disk-backed upper needs an empty ext4 file system on a sparse file: create
-// it on the host with mkfs.ext4 from e2fsprogs when present, or let the
-// agent format the device in the guest; that is left to the integrator.
+// Empty ext4 for the upper layer: package image/ext4 formats one in Go
+// (ext4.CreateFile(path, size, ext4.Options{}) makes a sparse file; only
+// metadata is allocated). The default can stay a tmpfs upper (bounded by its
+// size= option and guest RAM).
+//
+// TestKernelOverlayMatchesReference runs this recipe on the host (root, loop
+// devices): the Linux kernel mounts the SquashFS layers and the ext4 upper,
+// overlayfs stacks them, and the merged tree equals a reference extraction
+// of the layer tars.
 //
 // # Commands
 //
