@@ -134,6 +134,12 @@ func containsAny(s, chars string) bool {
 	return false
 }
 
+// ConsoleInput returns a writer whose bytes the guest reads from hvc0 (for
+// example keystrokes for a shell on the console). Writes block until the
+// guest has set up hvc0 and posted receive buffers; they fail with
+// ErrPortClosed after Close.
+func (d *Device) ConsoleInput() io.Writer { return d.ports[0] }
+
 // Port returns the named port, or nil.
 func (d *Device) Port(name string) *Port {
 	for _, p := range d.ports[1:] {

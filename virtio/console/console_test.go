@@ -353,3 +353,16 @@ func BenchmarkHostToGuest(b *testing.B) {
 		h.WaitUsed(qAgentRx)
 	}
 }
+
+func TestConsoleInput(t *testing.T) {
+	d, g := setup(t, nil)
+	// Linux opens hvc0 itself when it turns port 0 into a console.
+	g.send(0, console.EventPortOpen, 1)
+	g.h.Add(qConsoleRx, nil, 16)
+	if n, err := d.ConsoleInput().Write([]byte("ls\n")); n != 3 || err != nil {
+		t.Fatalf("Write = %d, %v", n, err)
+	}
+	if u := g.h.WaitUsed(qConsoleRx); string(u.Written) != "ls\n" {
+		t.Fatalf("guest console read %q", u.Written)
+	}
+}
