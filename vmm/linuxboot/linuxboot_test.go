@@ -543,7 +543,7 @@ func BenchmarkDecompressZstd(b *testing.B) {
 func TestKernelStyleCLI(t *testing.T) {
 	want := append(testKernel(), make([]byte, 3000)...)
 	// Real x86 code, full of E8/E9 branches for the BCJ filter: this test
-	// binary's first 512 KiB.
+	// binary's first 128 KiB.
 	self, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
@@ -552,7 +552,7 @@ func TestKernelStyleCLI(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want = append(want, exe[:min(len(exe), 512<<10)]...)
+	want = append(want, exe[:min(len(exe), 128<<10)]...)
 	cases := []struct {
 		tool string
 		args []string
@@ -562,7 +562,7 @@ func TestKernelStyleCLI(t *testing.T) {
 		{"xz", []string{"--check=crc32", "--x86", "--lzma2=dict=32MiB", "-c"}, XZ, nil},
 		{"xz", []string{"--check=crc64", "--x86", "--lzma2", "-c"}, XZ, nil},
 		{"xz", []string{"--check=sha256", "--x86=start=4096", "--lzma2", "-c"}, XZ, nil},
-		{"xz", []string{"--check=none", "-T2", "--block-size=65536", "--x86", "--lzma2", "-c"}, XZ, nil},
+		{"xz", []string{"--check=none", "-T2", "--block-size=16384", "--x86", "--lzma2", "-c"}, XZ, nil},
 		{"xz", []string{"--check=crc32", "--delta", "--lzma2", "-c"}, XZ, ErrUnsupported},
 		{"xz", []string{"--check=crc32", "--lzma2=dict=32MiB", "-c"}, XZ, nil},
 		{"lzma", []string{"-9", "-c"}, LZMA, nil},
