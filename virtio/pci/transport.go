@@ -270,6 +270,7 @@ func (t *Transport) writeConfig(off int, p []byte) {
 	cap := t.pciCfgCap
 	if overlaps(off, len(p), t.msixCap+2, 2) {
 		t.msix.setControl(t.cs.get16(t.msixCap + 2))
+		t.updateINTxLocked() // enabling MSI-X disables INTx
 	}
 	if overlaps(off, len(p), regCommand, 2) {
 		t.updateINTxLocked()
