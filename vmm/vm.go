@@ -92,7 +92,6 @@ type VM struct {
 	started bool
 	closed  bool
 	routes  map[uint32]routingEntry // extra GSI routes (MSI)
-	nextGSI uint32
 
 	stopping   atomic.Bool
 	exitOnce   sync.Once
@@ -118,14 +117,13 @@ func newVM(cfg Config, probe bool) (_ *VM, err error) {
 		return nil, err
 	}
 	vm := &VM{
-		cfg:     cfg,
-		log:     cfg.Logger,
-		vmfd:    -1,
-		bus:     &Bus{},
-		done:    make(chan struct{}),
-		exited:  make(chan struct{}),
-		routes:  map[uint32]routingEntry{},
-		nextGSI: 24,
+		cfg:    cfg,
+		log:    cfg.Logger,
+		vmfd:   -1,
+		bus:    &Bus{},
+		done:   make(chan struct{}),
+		exited: make(chan struct{}),
+		routes: map[uint32]routingEntry{},
 	}
 	vm.phases.Created = created
 	defer func() {
@@ -315,8 +313,8 @@ func (vm *VM) guestReset() {
 	}
 }
 
-// IRQLine sets the level of an in-kernel irqchip input (GSI).
-func (vm *VM) IRQLine(gsi uint32, high bool) error {
+// SetIRQLevel sets the level of an in-kernel irqchip input (GSI).
+func (vm *VM) SetIRQLevel(gsi uint32, high bool) error {
 	l := irqLevel{IRQ: gsi}
 	if high {
 		l.Level = 1
@@ -326,11 +324,11 @@ func (vm *VM) IRQLine(gsi uint32, high bool) error {
 
 // pulseIRQ raises and lowers an edge-triggered ISA interrupt.
 func (vm *VM) pulseIRQ(gsi uint32) {
-	if err := vm.IRQLine(gsi, true); err != nil {
+	if err := vm.SetIRQLevel(gsi, true); err != nil {
 		vm.log.Debug("irq", "gsi", gsi, "err", err)
 		return
 	}
-	vm.IRQLine(gsi, false)
+	vm.SetIRQLevel(gsi, false)
 }
 
 // SignalMSI injects one message-signalled interrupt.
@@ -338,6 +336,13 @@ func (vm *VM) SignalMSI(addr uint64, data uint32) error {
 	_, err := signalMSI(vm.vmfd, addr, data)
 	return kvmErr("KVM_SIGNAL_MSI", err)
 }
+
+// GSIs 0-23 are the IOAPIC's pins; MSI routes take the GSIs above, up to
+// KVM's limit of routing entries.
+const (
+	firstMSIGSI = 24
+	maxGSI      = 4096
+)
 
 // defaultRoutes is KVM's default GSI routing: GSIs 0-15 to the PIC and
 // IOAPIC, 16-23 to the IOAPIC only. Setting any route replaces the whole
@@ -363,8 +368,15 @@ func defaultRoutes() []routingEntry {
 func (vm *VM) AllocMSIRoute(addr uint64, data uint32) (uint32, error) {
 	vm.mu.Lock()
 	defer vm.mu.Unlock()
-	gsi := vm.nextGSI
-	vm.nextGSI++
+	gsi := uint32(firstMSIGSI)
+	for ; gsi < maxGSI; gsi++ {
+		if _, used := vm.routes[gsi]; !used {
+			break
+		}
+	}
+	if gsi == maxGSI {
+		return 0, fmt.Errorf("vmm: all %d MSI routes are in use", maxGSI-firstMSIGSI)
+	}
 	vm.routes[gsi] = msiRoute(gsi, addr, data)
 	if err := vm.commitRoutesLocked(); err != nil {
 		delete(vm.routes, gsi)
