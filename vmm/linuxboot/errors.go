@@ -41,10 +41,18 @@ func (e *FormatError) Error() string {
 		s += fmt.Sprintf(" at offset %#x", e.Off)
 	}
 	s += ": " + e.Reason
+	var inner *FormatError
 	if e.Err != nil {
 		s += ": " + e.Err.Error()
+		if errors.As(e.Err, &inner) {
+			return s // the inner error gave the advice
+		}
 	}
-	return s + " (use an uncompressed vmlinux or a bzImage built for x86-64)"
+	switch e.Kind {
+	case "bzImage", "ELF", "payload":
+		s += " (use an uncompressed vmlinux or a bzImage built for x86-64)"
+	}
+	return s
 }
 
 // Is makes errors.Is(err, ErrFormat) true.
