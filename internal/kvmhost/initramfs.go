@@ -110,7 +110,6 @@ func ensureInitramfs(ctx context.Context, log *slog.Logger, cacheRoot string, k 
 		return "", err
 	}
 	log.Info("kvmhost: built the outer VM initramfs", "path", p, "modules", len(order), "bytes", buf.Len())
-	os.Remove(p + ".lock")
 	return p, nil
 }
 

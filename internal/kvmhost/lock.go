@@ -14,7 +14,32 @@ import (
 // fileLock is an exclusive flock(2) on a lock file. Concurrent test
 // processes (go test runs packages in parallel) serialize cache fills and
 // apt-get calls through it.
-type fileLock struct{ f *os.File }
+// It keeps a raw descriptor, not an *os.File, so that no finalizer can
+// close it (and drop the lock) while the holder still relies on it.
+type fileLock struct{ fd int }
+
+// tryLock opens (creating) path and tries to take an exclusive flock.
+// ok is false when another open file holds it.
+func tryLock(path string) (l *fileLock, ok bool, err error) {
+	fd, err := unix.Open(path, unix.O_RDWR|unix.O_CREAT|unix.O_CLOEXEC, 0o644)
+	if err != nil {
+		return nil, false, &os.PathError{Op: "open", Path: path, Err: err}
+	}
+	for {
+		err = unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB)
+		if err != unix.EINTR {
+			break
+		}
+	}
+	if err == nil {
+		return &fileLock{fd: fd}, true, nil
+	}
+	unix.Close(fd)
+	if errors.Is(err, unix.EWOULDBLOCK) {
+		return nil, false, nil
+	}
+	return nil, false, fmt.Errorf("flock %s: %w", path, err)
+}
 
 // lockFile takes an exclusive lock on path, creating it and its directory.
 // It polls so that ctx can end the wait.
@@ -22,22 +47,16 @@ func lockFile(ctx context.Context, path string) (*fileLock, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return nil, err
 	}
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|unix.O_CLOEXEC, 0o644)
-	if err != nil {
-		return nil, err
-	}
 	for {
-		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
-		if err == nil {
-			return &fileLock{f: f}, nil
+		l, ok, err := tryLock(path)
+		if err != nil {
+			return nil, err
 		}
-		if !errors.Is(err, unix.EWOULDBLOCK) && !errors.Is(err, unix.EINTR) {
-			f.Close()
-			return nil, fmt.Errorf("flock %s: %w", path, err)
+		if ok {
+			return l, nil
 		}
 		select {
 		case <-ctx.Done():
-			f.Close()
 			return nil, fmt.Errorf("waiting for lock %s: %w", path, ctx.Err())
 		case <-time.After(100 * time.Millisecond):
 		}
@@ -46,12 +65,12 @@ func lockFile(ctx context.Context, path string) (*fileLock, error) {
 
 // unlock releases the lock; safe to call twice.
 func (l *fileLock) unlock() {
-	if l == nil || l.f == nil {
+	if l == nil || l.fd < 0 {
 		return
 	}
-	unix.Flock(int(l.f.Fd()), unix.LOCK_UN)
-	l.f.Close()
-	l.f = nil
+	unix.Flock(l.fd, unix.LOCK_UN)
+	unix.Close(l.fd)
+	l.fd = -1
 }
 
 // writeFileAtomic writes data to path through a temporary file in the same
@@ -96,14 +115,13 @@ func acquireSlot(ctx context.Context, dir string, n int, waiting func()) (*fileL
 	for {
 		for i := 0; i < n; i++ {
 			p := filepath.Join(dir, fmt.Sprintf("slot%d.lock", i))
-			f, err := os.OpenFile(p, os.O_RDWR|os.O_CREATE|unix.O_CLOEXEC, 0o644)
+			l, ok, err := tryLock(p)
 			if err != nil {
 				return nil, err
 			}
-			if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err == nil {
-				return &fileLock{f: f}, nil
+			if ok {
+				return l, nil
 			}
-			f.Close()
 		}
 		if !warned && waiting != nil {
 			waiting()
