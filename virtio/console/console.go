@@ -9,6 +9,9 @@
 // has been read. Host-to-guest writes block until the guest has opened the
 // port and posted receive buffers (Linux discards data that arrives on a
 // port no process has open, so the device waits for the guest's PORT_OPEN).
+// When the guest closes a port (its agent exited), Read returns io.EOF after
+// the data written before the close, so a host protocol client sees the
+// channel end as it would on a socket.
 package console
 
 import (
@@ -225,6 +228,10 @@ func (d *Device) Activate(a *virtio.Activation) error {
 		go d.control(s, a.Queues[ctrlRx], a.Queues[ctrlTx])
 	}
 	for _, p := range d.ports[1:] {
+		select {
+		case <-p.hup: // from a previous session
+		default:
+		}
 		if q := a.Queues[txQueue(p.id)]; q != nil {
 			s.wg.Add(1)
 			go p.guestTx(s, q)
@@ -436,6 +443,14 @@ func (d *Device) handleControl(s *session, id uint32, event, value uint16) {
 		open := value == 1
 		if p.guestOpen != open {
 			p.guestOpen = open
+			if !open && p.id != 0 {
+				// Tell the reader once the data sent before the close
+				// has been delivered.
+				select {
+				case p.hup <- struct{}{}:
+				default:
+				}
+			}
 			d.broadcastLocked()
 		}
 	default:

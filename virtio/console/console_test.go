@@ -366,3 +366,23 @@ func TestConsoleInput(t *testing.T) {
 		t.Fatalf("guest console read %q", u.Written)
 	}
 }
+
+func TestGuestHangupGivesEOF(t *testing.T) {
+	d, g := setup(t, nil)
+	p := d.Port(agent)
+	g.send(1, console.EventPortOpen, 1)
+	g.h.Add(qAgentTx, [][]byte{[]byte("last words")})
+	g.send(1, console.EventPortOpen, 0) // the agent exits
+	got, err := io.ReadAll(p)
+	if err != nil || string(got) != "last words" {
+		t.Fatalf("ReadAll = %q, %v; want the data, then EOF", got, err)
+	}
+	// The guest opens the port again: new data flows.
+	g.send(1, console.EventPortOpen, 1)
+	g.h.Add(qAgentTx, [][]byte{[]byte("again")})
+	buf := make([]byte, 8)
+	n, err := p.Read(buf)
+	if err != nil || string(buf[:n]) != "again" {
+		t.Fatalf("Read after reopen = %q, %v", buf[:n], err)
+	}
+}

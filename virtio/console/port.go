@@ -2,6 +2,7 @@ package console
 
 import (
 	"context"
+	"io"
 
 	"github.com/gosandbox/sandbox/virtio"
 )
@@ -15,8 +16,9 @@ type Port struct {
 	id   int
 	name string
 
-	data chan []byte   // guest-to-host chunks, unbuffered
+	data chan []byte   // guest-to-host chunks, unbuffered; nil means hang-up
 	done chan struct{} // closed by Close
+	hup  chan struct{} // the guest closed the port (signal to guestTx)
 
 	rmu     chan struct{} // read lock (a channel so it can be abandoned)
 	pending []byte        // guarded by rmu
@@ -33,6 +35,7 @@ func newPort(d *Device, id int, name string) *Port {
 		d: d, id: id, name: name,
 		data: make(chan []byte),
 		done: make(chan struct{}),
+		hup:  make(chan struct{}, 1),
 		rmu:  make(chan struct{}, 1),
 		wmu:  make(chan struct{}, 1),
 	}
@@ -73,7 +76,10 @@ func (p *Port) WaitGuestOpen(ctx context.Context, open bool) error {
 }
 
 // Read reads what the guest wrote to the port. It blocks until data comes
-// or the port is closed (ErrPortClosed).
+// or the port is closed (ErrPortClosed). When the guest closes its end
+// (e.g. the agent process exits), Read returns io.EOF once everything the
+// guest wrote before closing has been read; if the guest opens the port
+// again, later Reads return its new data.
 func (p *Port) Read(b []byte) (int, error) {
 	select {
 	case p.rmu <- struct{}{}:
@@ -87,6 +93,9 @@ func (p *Port) Read(b []byte) (int, error) {
 	if len(p.pending) == 0 {
 		select {
 		case c := <-p.data:
+			if c == nil {
+				return 0, io.EOF
+			}
 			p.pending = c
 		case <-p.done:
 			return 0, ErrPortClosed
@@ -208,14 +217,19 @@ func (p *Port) closeLocked() {
 }
 
 // guestTx moves guest output to Read, one chunk at a time: the next
-// transmit buffer is taken only after the previous one was read.
+// transmit buffer is taken only after the previous one was read. After the
+// guest closes the port it drains the ring, then hands Read a hang-up.
 func (p *Port) guestTx(s *session, q *virtio.Queue) {
 	defer s.wg.Done()
 	var ch virtio.Chain
-	for q.Wait(s.stop) {
+	hangup := false
+	for {
 		for {
 			ok, err := q.Pop(&ch)
-			if err != nil || !ok {
+			if err != nil {
+				return
+			}
+			if !ok {
 				break
 			}
 			total := ch.ReadableLen()
@@ -223,16 +237,53 @@ func (p *Port) guestTx(s *session, q *virtio.Queue) {
 				chunk := make([]byte, min(total-off, MaxChunk))
 				ch.CopyFromGuest(chunk, off)
 				off += len(chunk)
-				select {
-				case p.data <- chunk:
-				case <-p.done:
+				if !p.deliver(s, chunk) {
+					if s.isStopped() {
+						return
+					}
 					off = total // nobody will read: drop
-				case <-s.stop:
-					return
 				}
 			}
 			q.Push(ch.Head, 0)
 			q.Notify()
 		}
+		if hangup {
+			hangup = false
+			if !p.deliver(s, nil) && s.isStopped() {
+				return
+			}
+		}
+		if !q.Arm() {
+			continue
+		}
+		select {
+		case <-s.stop:
+			return
+		case <-q.Kicks():
+		case <-p.hup:
+			hangup = true
+		}
+	}
+}
+
+// deliver hands a chunk (nil: hang-up) to Read. It reports false when the
+// port was closed or the session stopped first.
+func (p *Port) deliver(s *session, chunk []byte) bool {
+	select {
+	case p.data <- chunk:
+		return true
+	case <-p.done:
+		return false
+	case <-s.stop:
+		return false
+	}
+}
+
+func (s *session) isStopped() bool {
+	select {
+	case <-s.stop:
+		return true
+	default:
+		return false
 	}
 }
