@@ -1,9 +1,9 @@
 // Package blk is the virtio block device (VIRTIO 1.2 section 5.2) over a raw
 // disk image: an *os.File or any io.ReaderAt (plus io.WriterAt for a
 // writable disk). It supports read-only disks (VIRTIO_BLK_F_RO), flush
-// (VIRTIO_BLK_F_FLUSH), GET_ID with a serial, and DISCARD and WRITE_ZEROES,
-// which punch holes with fallocate(2) when the backing is a file so sparse
-// images stay sparse. Every sector range is checked against the capacity.
+// (VIRTIO_BLK_F_FLUSH), GET_ID with a serial, and DISCARD and WRITE_ZEROES
+// (with the unmap flag), which punch holes with fallocate(2) when the
+// backing is a file so sparse images stay sparse. Every sector range is checked against the capacity.
 package blk
 
 import (
@@ -339,9 +339,15 @@ func (r *request) zeroRange(typ uint32, sector uint64, count, flags uint32) uint
 		return StatusOK
 	}
 	if d.file != nil {
-		// Punching a hole both discards and reads back as zeros, and keeps
-		// a sparse image sparse.
-		err := unix.Fallocate(int(d.file.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+		// DISCARD and WRITE_ZEROES with the unmap flag punch a hole: the
+		// range reads back as zeros and a sparse image stays sparse.
+		// WRITE_ZEROES without it must keep the space allocated, so it
+		// zeroes the range in place.
+		mode := uint32(unix.FALLOC_FL_PUNCH_HOLE | unix.FALLOC_FL_KEEP_SIZE)
+		if typ == TypeWriteZeroes && flags&flagUnmap == 0 {
+			mode = unix.FALLOC_FL_ZERO_RANGE | unix.FALLOC_FL_KEEP_SIZE
+		}
+		err := unix.Fallocate(int(d.file.Fd()), mode, off, n)
 		if err == nil {
 			return StatusOK
 		}

@@ -233,6 +233,18 @@ func TestDiscardPunchesHoles(t *testing.T) {
 	if !bytes.Equal(got[:48<<10], make([]byte, 48<<10)) || !bytes.Equal(got[48<<10:], data[48<<10:]) {
 		t.Fatal("content after discard/write zeroes is wrong")
 	}
+	// WRITE_ZEROES without unmap zeroes in place and keeps the space.
+	before = allocated(t, f)
+	if st, _ := do(t, h, [][]byte{hdr(blk.TypeWriteZeroes, 0), seg(96, 32, 0)}, 0); st != blk.StatusOK {
+		t.Fatalf("write zeroes (no unmap) status %d", st)
+	}
+	if after := allocated(t, f); after < before {
+		t.Fatalf("write zeroes without unmap released space: %d -> %d bytes", before, after)
+	}
+	st, got = do(t, h, [][]byte{hdr(blk.TypeIn, 96)}, 16<<10)
+	if st != blk.StatusOK || !bytes.Equal(got, make([]byte, 16<<10)) {
+		t.Fatalf("range after write zeroes: status %d, zero %v", st, bytes.Equal(got, make([]byte, 16<<10)))
+	}
 }
 
 // memDisk is a non-file backing: WRITE_ZEROES falls back to writing zeros.
