@@ -51,6 +51,10 @@ type Options struct {
 	OutputGrace time.Duration
 	// Agent describes this agent build in the Hello frame.
 	Agent string
+
+	// allowExec, if set, vets each exec before it is spawned (tests that
+	// feed the agent hostile input use it to keep it from running them).
+	allowExec func(*agentproto.ExecRequest) bool
 }
 
 // ErrChannelClosed means the host end of the channel went away.

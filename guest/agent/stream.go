@@ -196,6 +196,9 @@ func (s *server) exec(id uint32, req *agentproto.ExecRequest) error {
 	if n >= s.opts.MaxStreams {
 		return s.sendPayload(agentproto.TypeSpawnError, id, spawnErr(agentproto.SpawnOther, unix.EAGAIN, "too many concurrent execs (%d)", n))
 	}
+	if s.opts.allowExec != nil && !s.opts.allowExec(req) {
+		return s.sendPayload(agentproto.TypeSpawnError, id, spawnErr(agentproto.SpawnPermission, unix.EPERM, "exec refused"))
+	}
 	_, serr := s.start(id, req)
 	if serr != nil {
 		s.log.Debug("spawn failed", "id", id, "argv0", req.Argv[0], "kind", serr.Kind, "message", serr.Message)

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -162,9 +163,19 @@ func powerOff(log *slog.Logger, reboot bool) {
 	}
 }
 
+// testAgentFD is the environment variable that makes PID 1 serve the
+// agent on an inherited descriptor instead of the virtio-console port, and
+// write no boot markers: tests run init as PID 1 of a new PID, mount, UTS
+// and network namespace on the build machine with it. A kernel never sets
+// it.
+const testAgentFD = "GOSANDBOX_AGENT_FD"
+
 // pid1 boots the guest and serves the agent. It never returns.
 func pid1() {
-	marker(markerInitStarted)
+	testFD := os.Getenv(testAgentFD)
+	if testFD == "" {
+		marker(markerInitStarted)
+	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	defer func() {
 		if r := recover(); r != nil {
@@ -184,19 +195,30 @@ func pid1() {
 		log.Warn("bring up lo", "err", err)
 	}
 	reaper := agent.NewReaper()
-	dev, err := findPort(p.port, p.portWait)
-	if err != nil {
-		log.Error("agent port", "err", err)
-		powerOff(log, false)
+	var port *os.File
+	if testFD != "" {
+		fd, err := strconv.Atoi(testFD)
+		if err != nil || fd < 3 {
+			log.Error("bad "+testAgentFD, "value", testFD)
+			powerOff(log, false)
+		}
+		unix.CloseOnExec(fd)
+		port = os.NewFile(uintptr(fd), "agent")
+	} else {
+		dev, err := findPort(p.port, p.portWait)
+		if err != nil {
+			log.Error("agent port", "err", err)
+			powerOff(log, false)
+		}
+		port, err = os.OpenFile(dev, os.O_RDWR, 0)
+		if err != nil {
+			log.Error("open agent port", "dev", dev, "err", err)
+			powerOff(log, false)
+		}
+		marker(markerAgentReady)
+		log.Debug("serving the agent", "port", p.port, "dev", dev)
 	}
-	port, err := os.OpenFile(dev, os.O_RDWR, 0)
-	if err != nil {
-		log.Error("open agent port", "dev", dev, "err", err)
-		powerOff(log, false)
-	}
-	marker(markerAgentReady)
-	log.Debug("serving the agent", "port", p.port, "dev", dev)
-	err = agent.Serve(context.Background(), port, agent.Options{
+	err := agent.Serve(context.Background(), port, agent.Options{
 		Logger: log,
 		Env:    agent.DefaultEnv(),
 		Setup:  setup,
