@@ -5,35 +5,25 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
-	"unsafe"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/gosandbox/sandbox/vmm/guestmem"
 	"github.com/gosandbox/sandbox/vmm/linuxboot/linuxboottest"
 )
 
-// mmapMapper is a FileMapper that maps file pages over guest RAM with
-// MAP_FIXED|MAP_PRIVATE, as the VMM's guest memory would, and records its
-// calls.
-type mmapMapper struct {
+// recordingMapper checks and records the calls LoadELF makes, and maps
+// with MmapMapper.
+type recordingMapper struct {
 	t     testing.TB
 	mem   *guestmem.Memory
 	calls [][3]uint64
 }
 
-func (m *mmapMapper) MapFile(gpa uint64, f *os.File, off int64, n uint64) error {
+func (m *recordingMapper) MapFile(gpa uint64, f *os.File, off int64, n uint64) error {
 	if gpa%guestmem.PageSize != 0 || off%guestmem.PageSize != 0 || n%guestmem.PageSize != 0 || n == 0 {
 		m.t.Errorf("MapFile(%#x, %#x, %#x) is not page aligned", gpa, off, n)
 	}
-	b, err := m.mem.Slice(gpa, n)
-	if err != nil {
-		return err
-	}
-	_, err = unix.MmapPtr(int(f.Fd()), off, unsafe.Pointer(&b[0]), uintptr(n),
-		unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_FIXED)
 	m.calls = append(m.calls, [3]uint64{gpa, uint64(off), n})
-	return err
+	return MmapMapper{Mem: m.mem}.MapFile(gpa, f, off, n)
 }
 
 func writeTemp(t testing.TB, data []byte) *os.File {
@@ -57,7 +47,7 @@ func TestLoadELFMapped(t *testing.T) {
 		linuxboottest.Segment{Paddr: 0x1200000, Data: data})
 	f := writeTemp(t, k)
 	mem := newMem(t, 64*mib)
-	mapper := &mmapMapper{t: t, mem: mem}
+	mapper := &recordingMapper{t: t, mem: mem}
 	l, err := LoadELF(mem, f, int64(len(k)), Config{Mapper: mapper})
 	if err != nil {
 		t.Fatal(err)
@@ -102,10 +92,31 @@ func BenchmarkLoadELFRealMapped(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		cfg.Mapper = &mmapMapper{t: b, mem: m}
+		cfg.Mapper = MmapMapper{Mem: m}
 		if _, err := LoadELF(m, f, int64(len(v)), cfg); err != nil {
 			b.Fatal(err)
 		}
 		m.Close()
+	}
+}
+
+func TestMmapMapperErrors(t *testing.T) {
+	mem := newMem(t, 4*mib)
+	content := bytes.Repeat([]byte{0x5a}, 8192)
+	f := writeTemp(t, content)
+	m := MmapMapper{Mem: mem}
+	if err := m.MapFile(0x1001, f, 0, 4096); err == nil {
+		t.Error("unaligned gpa accepted")
+	}
+	if err := m.MapFile(3*mib, f, 0, 2*mib); err == nil {
+		t.Error("range past guest RAM accepted")
+	}
+	if err := m.MapFile(1*mib, f, 0, 8192); err != nil {
+		t.Fatal(err)
+	}
+	b := make([]byte, 8192)
+	mem.ReadAt(b, 1*mib)
+	if !bytes.Equal(b, content) {
+		t.Error("mapped pages do not show the file")
 	}
 }
