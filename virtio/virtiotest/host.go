@@ -1,13 +1,9 @@
 package virtiotest
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
-	"os"
 	"sync"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/gosandbox/sandbox/virtio"
 )
@@ -141,26 +137,27 @@ func (h *Host) Line(n uint8) bool {
 	return h.lines[n]
 }
 
-// Ioevent is a registered notify address backed by an eventfd.
+// Ioevent is a registered notify address backed by a real eventfd, as
+// KVM_IOEVENTFD would be.
 type Ioevent struct {
 	h    *Host
 	addr uint64
 	size int
-	f    *os.File
+	ev   *virtio.Eventfd
 	once sync.Once
 }
 
 // Ioevent implements virtio.Ioevents.
 func (h *Host) Ioevent(addr uint64, size int) (virtio.Event, error) {
-	fd, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
+	ev, err := virtio.NewEventfd()
 	if err != nil {
-		return nil, fmt.Errorf("virtiotest: eventfd: %w", err)
+		return nil, err
 	}
-	e := &Ioevent{h: h, addr: addr, size: size, f: os.NewFile(uintptr(fd), "ioevent")}
+	e := &Ioevent{h: h, addr: addr, size: size, ev: ev}
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if _, dup := h.ioevents[addr]; dup {
-		e.f.Close()
+		ev.Close()
 		return nil, fmt.Errorf("virtiotest: ioevent at %#x already registered", addr)
 	}
 	h.ioevents[addr] = e
@@ -175,11 +172,7 @@ func (h *Host) Ioevents() int {
 }
 
 // Wait implements virtio.Event.
-func (e *Ioevent) Wait() error {
-	var b [8]byte
-	_, err := e.f.Read(b[:])
-	return err
-}
+func (e *Ioevent) Wait() error { return e.ev.Wait() }
 
 // Close implements virtio.Event.
 func (e *Ioevent) Close() error {
@@ -189,16 +182,12 @@ func (e *Ioevent) Close() error {
 			delete(e.h.ioevents, e.addr)
 		}
 		e.h.mu.Unlock()
-		e.f.Close()
+		e.ev.Close()
 	})
 	return nil
 }
 
-func (e *Ioevent) signal() {
-	var b [8]byte
-	binary.LittleEndian.PutUint64(b[:], 1)
-	e.f.Write(b[:])
-}
+func (e *Ioevent) signal() { e.ev.Signal() }
 
 // ReadPort forwards to the Target.
 func (h *Host) ReadPort(port uint16, data []byte) {
