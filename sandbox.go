@@ -1,0 +1,441 @@
+// Package sandbox runs untrusted code in KVM microVMs that live inside the
+// calling process: no daemon, no cgo, one `go get`.
+//
+//	sb, err := sandbox.New(ctx, sandbox.Name("job-42"), sandbox.Memory(256<<20))
+//	if err != nil {
+//		return err // e.g. errors.Is(err, sandbox.ErrKVMUnusable) on a host without hardware KVM
+//	}
+//	defer sb.Close()
+//	res, err := sb.Run(ctx, "sh", "-c", "echo hello from $(hostname)")
+//	fmt.Printf("%s exit=%d\n", res.Stdout, res.ExitCode)
+//
+// New boots a Linux guest (the default kernel is github.com/gokrazy/kernel.amd64,
+// found in the Go module cache or fetched from GOPROXY and verified) with the
+// library's own VMM (package vmm): virtio-pci devices (package virtio), and
+// a Go init/agent (package guest) that serves the host over a virtio-console
+// port. Run and Exec start commands through that agent; many may run at
+// once. Close stops the VM and releases everything.
+//
+// A context passed to New or to a method bounds that call only, never the
+// sandbox's life. The library prints nothing, installs no signal handler
+// (see package vmm for how vCPUs are kicked), and logs only to the
+// *slog.Logger given with the Logger option.
+package sandbox
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/gosandbox/sandbox/guest"
+	"github.com/gosandbox/sandbox/guest/agentclient"
+	"github.com/gosandbox/sandbox/guest/agentproto"
+	"github.com/gosandbox/sandbox/kernel"
+	"github.com/gosandbox/sandbox/virtio/console"
+	"github.com/gosandbox/sandbox/virtio/pci"
+	"github.com/gosandbox/sandbox/virtio/rng"
+	"github.com/gosandbox/sandbox/vmm"
+)
+
+// Errors, matched with errors.Is.
+var (
+	// ErrNoKVM: /dev/kvm does not exist on this host.
+	ErrNoKVM = vmm.ErrNoKVM
+	// ErrKVMPermission: /dev/kvm exists but cannot be opened.
+	ErrKVMPermission = vmm.ErrKVMPermission
+	// ErrKVMUnusable: KVM cannot boot a Linux guest here (no hardware
+	// virtualization, or a PVM host).
+	ErrKVMUnusable = vmm.ErrKVMUnusable
+	// ErrGuestPanic: the guest kernel panicked.
+	ErrGuestPanic = vmm.ErrGuestPanic
+	// ErrGuestExited: the VM ended (it crashed, powered off or was stopped).
+	ErrGuestExited = errors.New("sandbox: the VM is no longer running")
+	// ErrExecNotFound: the command does not exist in the guest.
+	ErrExecNotFound = agentclient.ErrExecNotFound
+	// ErrPermission: the command is not executable.
+	ErrPermission = agentclient.ErrPermission
+	// ErrBadWorkingDir: the working directory does not exist in the guest.
+	ErrBadWorkingDir = agentclient.ErrBadWorkingDir
+	// ErrAgentGone: the channel to the guest agent broke.
+	ErrAgentGone = agentclient.ErrAgentGone
+	// ErrClosed: the sandbox was closed.
+	ErrClosed = errors.New("sandbox: closed")
+)
+
+// Phases are the start-up timestamps of a sandbox.
+type Phases struct {
+	vmm.Phases
+	AgentConnected time.Time // the host finished the agent handshake
+}
+
+// ToAgentConnected is the time from New to a usable sandbox.
+func (p Phases) ToAgentConnected() time.Duration {
+	if p.AgentConnected.IsZero() {
+		return 0
+	}
+	return p.AgentConnected.Sub(p.Created)
+}
+
+// String lists the phases as offsets from New.
+func (p Phases) String() string {
+	return fmt.Sprintf("first KVM_RUN +%v, guest init +%v, agent ready +%v, connected +%v",
+		p.ToFirstRun().Round(time.Microsecond), p.ToInit().Round(time.Millisecond),
+		p.ToAgent().Round(time.Millisecond), p.ToAgentConnected().Round(time.Millisecond))
+}
+
+// Sandbox is a running microVM. Its methods are safe for concurrent use.
+type Sandbox struct {
+	cfg    config
+	log    *slog.Logger
+	vm     *vmm.VM
+	bus    *pci.Bus
+	con    *console.Device
+	agent  *agentclient.Client
+	hvclog *vmm.RingLog
+
+	mu        sync.Mutex
+	phases    Phases
+	closed    bool
+	closeOnce sync.Once
+	watchDone chan struct{}
+}
+
+// New boots a sandbox and returns once its agent answers. ctx bounds the
+// boot only.
+func New(ctx context.Context, opts ...Option) (_ *Sandbox, err error) {
+	cfg := defaultConfig()
+	for _, o := range opts {
+		if err := o(&cfg); err != nil {
+			return nil, err
+		}
+	}
+	host, err := vmm.Probe()
+	if err != nil {
+		return nil, err
+	}
+	if err := host.CanBootLinux(); err != nil {
+		return nil, err
+	}
+	var k *kernel.Kernel
+	if cfg.kernelPath != "" {
+		k, err = kernel.FromFile(ctx, cfg.kernelPath, kernel.WithLogger(cfg.logger))
+	} else {
+		k, err = kernel.Default(ctx, kernel.WithLogger(cfg.logger))
+	}
+	if err != nil {
+		return nil, err
+	}
+	initrd, err := guest.Initramfs()
+	if err != nil {
+		return nil, fmt.Errorf("sandbox: guest initramfs: %w", err)
+	}
+
+	sb := &Sandbox{cfg: cfg, log: cfg.logger, hvclog: vmm.NewRingLog(64 << 10), watchDone: make(chan struct{})}
+	var con io.Writer = sb.hvclog
+	if cfg.console != nil {
+		con = io.MultiWriter(sb.hvclog, cfg.console)
+	}
+	sb.vm, err = vmm.New(vmm.Config{Memory: cfg.memory, VCPUs: cfg.cpus, Console: cfg.console, Logger: cfg.logger})
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if err != nil {
+			sb.Close()
+		}
+	}()
+	if sb.con, err = console.New(console.Options{Console: con, Ports: []string{guest.PortName}, Logger: cfg.logger}); err != nil {
+		return nil, err
+	}
+	if sb.bus, err = pci.New(pci.Config{Mem: sb.vm.Memory(), Interrupts: sb.vm, Ioevents: sb.vm, Logger: cfg.logger}); err != nil {
+		return nil, err
+	}
+	if _, err = sb.bus.AddVirtio(sb.con); err != nil {
+		sb.con.Close()
+		return nil, err
+	}
+	r := rng.New(rand.Reader)
+	if _, err = sb.bus.AddVirtio(r); err != nil {
+		r.Close()
+		return nil, err
+	}
+	if err = sb.vm.AttachPCI(sb.bus); err != nil {
+		return nil, err
+	}
+	cmdline := guest.KernelCmdline(guest.PortName)
+	if cfg.cmdline != "" {
+		cmdline += " " + cfg.cmdline
+	}
+	if _, err = sb.vm.LoadLinux(vmm.LinuxConfig{Kernel: k.Vmlinux, SetupHeader: k.SetupHeader, Initrd: initrd, Cmdline: cmdline}); err != nil {
+		return nil, err
+	}
+	if err = sb.vm.Start(); err != nil {
+		return nil, err
+	}
+
+	// Connect to the agent, unless the VM dies or ctx ends first.
+	type dialed struct {
+		c   *agentclient.Client
+		err error
+	}
+	ch := make(chan dialed, 1)
+	dctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		c, err := agentclient.Dial(dctx, sb.con.Port(guest.PortName), agentclient.Options{
+			Logger:   cfg.logger,
+			Hostname: agentproto.Hostname(cfg.name),
+			Env:      cfg.env,
+		})
+		ch <- dialed{c, err}
+	}()
+	select {
+	case d := <-ch:
+		if d.err != nil {
+			return nil, sb.guestError(fmt.Errorf("sandbox: connect to the guest agent: %w", d.err))
+		}
+		sb.agent = d.c
+	case <-sb.vm.Done():
+		cancel()
+		return nil, sb.guestError(fmt.Errorf("sandbox: the VM ended while booting: %w", ErrGuestExited))
+	case <-ctx.Done():
+		return nil, fmt.Errorf("sandbox: boot: %w (console: %s)", ctx.Err(), sb.consoleTail())
+	}
+	sb.mu.Lock()
+	sb.phases.Phases = sb.vm.Phases()
+	sb.phases.AgentConnected = time.Now()
+	sb.mu.Unlock()
+	go sb.watch()
+	sb.log.Debug("sandbox ready", "phases", sb.Phases().String())
+	return sb, nil
+}
+
+// watch ends the agent connection when the VM ends, so that pending calls
+// return at once.
+func (sb *Sandbox) watch() {
+	defer close(sb.watchDone)
+	<-sb.vm.Done()
+	sb.agent.Close()
+}
+
+// guestError wraps err with how the VM ended, if it did.
+func (sb *Sandbox) guestError(err error) error {
+	select {
+	case <-sb.vm.Done():
+	case <-time.After(200 * time.Millisecond):
+		return err
+	}
+	ex, werr := sb.vm.Wait(context.Background())
+	if werr != nil || ex == nil {
+		return err
+	}
+	if gerr := ex.AsError(); gerr != nil {
+		return fmt.Errorf("%w: %w", err, gerr)
+	}
+	return fmt.Errorf("%w: %w (%s)", err, ErrGuestExited, ex)
+}
+
+func (sb *Sandbox) consoleTail() string {
+	b := sb.vm.ConsoleLog()
+	b = append(b, sb.hvclog.Bytes()...)
+	if len(b) > 2048 {
+		b = b[len(b)-2048:]
+	}
+	return string(b)
+}
+
+// Phases returns the sandbox's start-up timestamps.
+func (sb *Sandbox) Phases() Phases {
+	sb.mu.Lock()
+	defer sb.mu.Unlock()
+	return sb.phases
+}
+
+// String describes the sandbox in one line.
+func (sb *Sandbox) String() string {
+	name := sb.cfg.name
+	if name == "" {
+		name = "(unnamed)"
+	}
+	return fmt.Sprintf("sandbox %s: %s", name, sb.vm)
+}
+
+// Cmd describes a command to run in the sandbox.
+type Cmd struct {
+	// Args is argv; Args[0] is looked up in the guest's PATH unless it
+	// contains a slash.
+	Args []string
+	// Env adds to the sandbox's environment (KEY=value).
+	Env []string
+	// Dir is the working directory; "" means the sandbox's (WorkDir) or /.
+	Dir string
+	// UID and GID run the command as that user and group; nil means root.
+	UID, GID *uint32
+	// TTY gives the command a terminal of Rows x Cols; its output all
+	// arrives on Stdout.
+	TTY        bool
+	Rows, Cols uint16
+	// Stdin feeds the command's stdin (nil: empty). Stdout and Stderr
+	// receive its output (nil: discarded), with back-pressure: a slow
+	// writer pauses the command, not the sandbox.
+	Stdin          io.Reader
+	Stdout, Stderr io.Writer
+}
+
+// ExitStatus is how a command ended.
+type ExitStatus = agentclient.ExitStatus
+
+// Process is a command started by Exec.
+type Process struct {
+	sb *Sandbox
+	p  *agentclient.Process
+}
+
+// PID is the process's ID in the guest.
+func (p *Process) PID() int { return p.p.PID() }
+
+// Signal sends sig to the process.
+func (p *Process) Signal(sig syscall.Signal) error { return p.sb.wrap(p.p.Signal(sig)) }
+
+// Resize changes the size of the process's terminal.
+func (p *Process) Resize(rows, cols uint16) error { return p.sb.wrap(p.p.Resize(rows, cols)) }
+
+// Wait waits until the process ends (and its output was delivered). If ctx
+// ends first, Wait returns ctx.Err() and the process keeps running.
+func (p *Process) Wait(ctx context.Context) (ExitStatus, error) {
+	st, err := p.p.Wait(ctx)
+	return st, p.sb.wrap(err)
+}
+
+// Exec starts a command. ctx bounds the start only.
+func (sb *Sandbox) Exec(ctx context.Context, cmd Cmd) (*Process, error) {
+	if err := sb.usable(); err != nil {
+		return nil, err
+	}
+	if cmd.Dir == "" {
+		cmd.Dir = sb.cfg.workDir
+	}
+	p, err := sb.agent.Exec(ctx, agentclient.Cmd(cmd))
+	if err != nil {
+		return nil, sb.wrap(err)
+	}
+	return &Process{sb: sb, p: p}, nil
+}
+
+// Result is the outcome of Run.
+type Result struct {
+	Stdout, Stderr []byte
+	ExitCode       int            // 0 if killed by a signal
+	Signal         syscall.Signal // the signal that ended the command, or 0
+}
+
+// Success reports whether the command exited with code 0.
+func (r Result) Success() bool { return r.ExitCode == 0 && r.Signal == 0 }
+
+// Run runs a command to completion and collects its output. A non-zero
+// exit is not an error; a command that cannot start is (ErrExecNotFound,
+// ErrPermission, ErrBadWorkingDir). If ctx ends first, the command is
+// killed and Run returns ctx.Err().
+func (sb *Sandbox) Run(ctx context.Context, name string, args ...string) (Result, error) {
+	var out, errb bytes.Buffer
+	p, err := sb.Exec(ctx, Cmd{Args: append([]string{name}, args...), Stdout: &out, Stderr: &errb})
+	if err != nil {
+		return Result{}, err
+	}
+	st, err := p.Wait(ctx)
+	if err != nil && ctx.Err() != nil {
+		p.Signal(syscall.SIGKILL)
+		kctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		p.Wait(kctx)
+		cancel()
+		return Result{Stdout: out.Bytes(), Stderr: errb.Bytes()}, ctx.Err()
+	}
+	if err != nil {
+		return Result{}, err
+	}
+	return Result{Stdout: out.Bytes(), Stderr: errb.Bytes(), ExitCode: st.Code, Signal: st.Signal}, nil
+}
+
+func (sb *Sandbox) usable() error {
+	sb.mu.Lock()
+	closed := sb.closed
+	sb.mu.Unlock()
+	if closed {
+		return ErrClosed
+	}
+	select {
+	case <-sb.vm.Done():
+		return sb.guestError(ErrGuestExited)
+	default:
+	}
+	return nil
+}
+
+// wrap adds how the VM ended to an error that came from a broken agent
+// channel.
+func (sb *Sandbox) wrap(err error) error {
+	if err == nil || !errors.Is(err, agentclient.ErrAgentGone) && !errors.Is(err, agentclient.ErrClosed) {
+		return err
+	}
+	sb.mu.Lock()
+	closed := sb.closed
+	sb.mu.Unlock()
+	if closed {
+		return fmt.Errorf("%w: %w", ErrClosed, err)
+	}
+	return sb.guestError(err)
+}
+
+// Stop asks the guest to power off and waits for it (or for ctx), then
+// closes the sandbox.
+func (sb *Sandbox) Stop(ctx context.Context) error {
+	if err := sb.usable(); err == nil {
+		sb.agent.Shutdown(ctx)
+		select {
+		case <-sb.vm.Done():
+		case <-ctx.Done():
+		}
+	}
+	return sb.Close()
+}
+
+// Close stops the VM at once and releases every fd, mapping and goroutine
+// of the sandbox. It is safe to call more than once.
+func (sb *Sandbox) Close() error {
+	var err error
+	sb.closeOnce.Do(func() {
+		sb.mu.Lock()
+		sb.closed = true
+		sb.mu.Unlock()
+		// Order matters: the vCPUs stop first, then the devices (their
+		// goroutines use guest memory and the VM's irqfds), then the VM
+		// releases its memory and fds.
+		var errs []error
+		if sb.vm != nil {
+			if serr := sb.vm.Stop(context.Background()); serr != nil && !errors.Is(serr, vmm.ErrNotStarted) {
+				errs = append(errs, serr)
+			}
+		}
+		if sb.agent != nil {
+			sb.agent.Close()
+			<-sb.watchDone
+		}
+		if sb.bus != nil {
+			errs = append(errs, sb.bus.Close())
+		} else if sb.con != nil {
+			errs = append(errs, sb.con.Close())
+		}
+		if sb.vm != nil {
+			errs = append(errs, sb.vm.Close())
+		}
+		err = errors.Join(errs...)
+	})
+	return err
+}
