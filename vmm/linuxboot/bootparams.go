@@ -33,9 +33,10 @@ const (
 	// bzImage's protected-mode code.
 	BzImageEntryOffset = 0x200
 
-	// DefaultCmdlineSize is the command-line limit assumed for a kernel
-	// whose header does not say (bare ELF): COMMAND_LINE_SIZE on x86.
-	DefaultCmdlineSize = 2048
+	// DefaultCmdlineSize is the cmdline_size assumed for a kernel whose
+	// header does not say (bare ELF): x86's COMMAND_LINE_SIZE (2048) less
+	// the terminating NUL, as kernels state it in their own headers.
+	DefaultCmdlineSize = 2047
 	// DefaultInitrdAddrMax is the initrd_addr_max assumed for a bare ELF.
 	DefaultInitrdAddrMax = 0x7fffffff
 	// DefaultProtocol is the boot protocol version written for a bare ELF.

@@ -72,7 +72,7 @@ func TestLoadELFZeroPageOffsets(t *testing.T) {
 		{"cmd_line_ptr", 0x228, uint64(u32(0x228)), 0x20000},
 		{"initrd_addr_max", 0x22c, uint64(u32(0x22c)), 0x7fffffff},
 		{"xloadflags", 0x236, uint64(u16(0x236)), 1},
-		{"cmdline_size", 0x238, uint64(u32(0x238)), 2048},
+		{"cmdline_size", 0x238, uint64(u32(0x238)), 2047},
 		{"ext_ramdisk_image", 0x0c0, uint64(u32(0x0c0)), 0},
 		{"ext_ramdisk_size", 0x0c4, uint64(u32(0x0c4)), 0},
 		{"ext_cmd_line_ptr", 0x0c8, uint64(u32(0x0c8)), 0},
@@ -253,18 +253,22 @@ func TestInitrdPlacement(t *testing.T) {
 
 func TestCmdline(t *testing.T) {
 	regions := guestmem.Layout(64 * mib)
-	if _, err := planBoot(regions, 16*mib, 17*mib, Config{Cmdline: strings.Repeat("a", 2048)}, 0); err != nil {
-		t.Fatalf("2048 bytes with the default cmdline_size: %v", err)
+	if _, err := planBoot(regions, 16*mib, 17*mib, Config{Cmdline: strings.Repeat("a", 2047)}, 0); err != nil {
+		t.Fatalf("2047 bytes with the default cmdline_size: %v", err)
 	}
-	_, err := planBoot(regions, 16*mib, 17*mib, Config{Cmdline: strings.Repeat("a", 2049)}, 0)
+	_, err := planBoot(regions, 16*mib, 17*mib, Config{Cmdline: strings.Repeat("a", 2048)}, 0)
 	var ce *CmdlineError
-	if !errors.Is(err, ErrCmdlineTooLong) || !errors.As(err, &ce) || ce.Max != 2048 || ce.Len != 2049 {
-		t.Fatalf("2049 bytes: err = %v, want *CmdlineError{2049, 2048}", err)
+	if !errors.Is(err, ErrCmdlineTooLong) || !errors.As(err, &ce) || ce.Max != 2047 || ce.Len != 2048 {
+		t.Fatalf("2048 bytes: err = %v, want *CmdlineError{2048, 2047}", err)
 	}
-	// The kernel's own header says 2047.
+	// A kernel header's own limit applies.
 	h := hdrWithInitrdMax(t, 0x7fffffff)
-	if _, err := planBoot(regions, 16*mib, 17*mib, Config{Cmdline: strings.Repeat("a", 2048), SetupHeader: h}, 0); !errors.Is(err, ErrCmdlineTooLong) {
-		t.Fatalf("2048 bytes with cmdline_size 2047: err = %v", err)
+	binary.LittleEndian.PutUint32(h[offCmdlineSize-offSetupSects:], 100)
+	if _, err := planBoot(regions, 16*mib, 17*mib, Config{Cmdline: strings.Repeat("a", 100), SetupHeader: h}, 0); err != nil {
+		t.Fatalf("100 bytes with cmdline_size 100: %v", err)
+	}
+	if _, err := planBoot(regions, 16*mib, 17*mib, Config{Cmdline: strings.Repeat("a", 101), SetupHeader: h}, 0); !errors.Is(err, ErrCmdlineTooLong) {
+		t.Fatalf("101 bytes with cmdline_size 100: err = %v", err)
 	}
 	if _, err := planBoot(regions, 16*mib, 17*mib, Config{Cmdline: "a\x00b"}, 0); !errors.Is(err, ErrFormat) {
 		t.Fatalf("NUL in command line: err = %v", err)
