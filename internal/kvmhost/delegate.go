@@ -137,7 +137,12 @@ func Delegate(t testing.TB, opts ...Option) bool {
 	for _, f := range o.cfg {
 		f(&cfg)
 	}
-	t.Logf("kvmhost: mode=%s: running %s in the outer VM: %s %s", mode, t.Name(), exe, strings.Join(args, " "))
+	if cfg.Timeout > 2*time.Minute && !slicesHasPrefix(cfg.Args, "-test.timeout") {
+		// Let the inner test binary time out first, with its goroutine
+		// dump, before the outer VM is killed.
+		cfg.Args = append(cfg.Args, "-test.timeout="+(cfg.Timeout-time.Minute).Round(time.Second).String())
+	}
+	t.Logf("kvmhost: mode=%s: running %s in the outer VM: %s %s", mode, t.Name(), exe, strings.Join(cfg.Args, " "))
 	res, err := RunResult(context.Background(), cfg)
 	lw.flush()
 	logw.flush()
@@ -269,4 +274,13 @@ func (l *lineLogger) text() string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.all.String()
+}
+
+func slicesHasPrefix(args []string, prefix string) bool {
+	for _, a := range args {
+		if strings.HasPrefix(a, prefix) {
+			return true
+		}
+	}
+	return false
 }
