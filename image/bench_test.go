@@ -12,6 +12,7 @@ import (
 	"strings"
 	"testing"
 
+	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"golang.org/x/sys/unix"
 )
 
@@ -143,3 +144,33 @@ func BenchmarkConvertBusybox(b *testing.B)   { benchConvert(b, busyboxLayer(b)) 
 func BenchmarkExtractBusybox(b *testing.B)   { benchExtract(b, busyboxLayer(b)) }
 func BenchmarkConvertPython(b *testing.B)    { benchConvert(b, pythonLayer(b)) }
 func BenchmarkExtractPython(b *testing.B)    { benchExtract(b, pythonLayer(b)) }
+
+// BenchmarkPullPython measures a cold pull + convert of the Debian python3
+// image (one 255 MB layer) from the in-process registry into an empty
+// cache.
+func BenchmarkPullPython(b *testing.B) {
+	layer := pythonLayer(b)
+	_, host := startRegistry(b)
+	ref := host + "/debian/python:bench"
+	img := buildImage(b, v1.Config{Cmd: []string{"python3"}}, layer)
+	push(b, ref, img)
+	ls, _ := img.Layers()
+	size, _ := ls[0].Size()
+	b.SetBytes(size)
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		b.StopTimer()
+		root := b.TempDir()
+		s, err := Open(WithRoot(root))
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+		if _, err := s.Pull(context.Background(), ref); err != nil {
+			b.Fatal(err)
+		}
+		b.StopTimer()
+		_ = os.RemoveAll(root)
+		b.StartTimer()
+	}
+}
