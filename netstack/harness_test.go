@@ -39,6 +39,10 @@ type testGuest struct {
 	done  chan struct{}
 	wg    sync.WaitGroup
 	once  sync.Once
+	// offload makes the pump act like a guest using checksum offload: TCP
+	// and UDP checksums are replaced by the pseudo-header sum and completed
+	// by DeliverFrameOffload.
+	offload atomic.Bool
 }
 
 // newTestNetwork starts a Network and a guest stack attached to it. Both are
@@ -121,7 +125,11 @@ func attachGuest(t testing.TB, n *Network) *testGuest {
 		for {
 			select {
 			case f := <-g.toNet:
-				n.DeliverFrame(f)
+				if o, ok := partialChecksum(f); ok && g.offload.Load() {
+					n.DeliverFrameOffload(f, o)
+				} else {
+					n.DeliverFrame(f)
+				}
 			case <-g.done:
 				return
 			}
@@ -456,4 +464,49 @@ func (c *fakeClock) total() time.Duration {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.slept
+}
+
+// partialChecksum rewrites a TCP or UDP frame's checksum to the pseudo-header
+// sum, as a guest with VIRTIO_NET_F_CSUM sends it, and returns the offload
+// fields the device would pass.
+func partialChecksum(f []byte) (Offload, bool) {
+	eth := header.Ethernet(f)
+	p := f[header.EthernetMinimumSize:]
+	var start int
+	var proto tcpip.TransportProtocolNumber
+	var src, dst tcpip.Address
+	var l4len int
+	switch eth.Type() {
+	case header.IPv4ProtocolNumber:
+		ip := header.IPv4(p)
+		if !ip.IsValid(len(p)) || ip.FragmentOffset() != 0 || ip.Flags()&header.IPv4FlagMoreFragments != 0 {
+			return Offload{}, false
+		}
+		start, proto = int(ip.HeaderLength()), ip.TransportProtocol()
+		src, dst, l4len = ip.SourceAddress(), ip.DestinationAddress(), int(ip.TotalLength())-int(ip.HeaderLength())
+	case header.IPv6ProtocolNumber:
+		ip := header.IPv6(p)
+		if !ip.IsValid(len(p)) {
+			return Offload{}, false
+		}
+		start, proto = header.IPv6MinimumSize, ip.TransportProtocol()
+		src, dst, l4len = ip.SourceAddress(), ip.DestinationAddress(), int(ip.PayloadLength())
+	default:
+		return Offload{}, false
+	}
+	var off int
+	switch proto {
+	case header.TCPProtocolNumber:
+		off = 16
+	case header.UDPProtocolNumber:
+		off = 6
+	default:
+		return Offload{}, false
+	}
+	start += header.EthernetMinimumSize
+	if start+off+2 > len(f) {
+		return Offload{}, false
+	}
+	binary.BigEndian.PutUint16(f[start+off:], header.PseudoHeaderChecksum(proto, src, dst, uint16(l4len)))
+	return Offload{NeedsChecksum: true, ChecksumStart: uint16(start), ChecksumOffset: uint16(off)}, true
 }

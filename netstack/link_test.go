@@ -249,3 +249,48 @@ func checkEchoReply(t *testing.T, f []byte, from netip.Addr, id, seq uint16, dat
 		t.Error("reply has a bad ICMP checksum")
 	}
 }
+
+func TestChecksumOffload(t *testing.T) {
+	echo := startEcho(t, "127.0.0.1:0", false)
+	echo6 := startEcho(t, "[::1]:0", false)
+	n, g := newTestNetwork(t, Config{Rules: mustRules(t, "allow@host")})
+	g.offload.Store(true)
+	for _, dst := range []netip.AddrPort{
+		netip.AddrPortFrom(n.Guest().GatewayIPv4, echo.port()),
+		netip.AddrPortFrom(n.Guest().GatewayIPv6, echo6.port()),
+	} {
+		c, err := g.dialTCP(dst)
+		if err != nil {
+			t.Fatalf("dial %v with offloaded checksums: %v", dst, err)
+		}
+		msg := make([]byte, 100000)
+		for i := range msg {
+			msg[i] = byte(i * 7)
+		}
+		got, err := roundTrip(c, msg)
+		c.Close()
+		if err != nil || string(got) != string(msg) {
+			t.Fatalf("round trip to %v with offloaded checksums: %v", dst, err)
+		}
+	}
+}
+
+func TestOffloadValidation(t *testing.T) {
+	n, _ := frameNet(t, Config{MTU: 1500})
+	big := echoRequestV4(n, n.gw4, 1, 1, make([]byte, 3000))
+	if err := n.DeliverFrame(big); !errors.Is(err, ErrFrameInvalid) {
+		t.Errorf("oversized frame without GSO: %v, want ErrFrameInvalid", err)
+	}
+	if err := n.DeliverFrameOffload(big, Offload{Segmented: true}); err != nil {
+		t.Errorf("oversized frame marked segmented: %v", err)
+	}
+	for _, o := range []Offload{
+		{NeedsChecksum: true, ChecksumStart: 2, ChecksumOffset: 0},
+		{NeedsChecksum: true, ChecksumStart: 20, ChecksumOffset: 60000},
+		{NeedsChecksum: true, ChecksumStart: 65535, ChecksumOffset: 65535},
+	} {
+		if err := n.DeliverFrameOffload(echoRequestV4(n, n.gw4, 1, 1, nil), o); !errors.Is(err, ErrFrameInvalid) {
+			t.Errorf("DeliverFrameOffload(%+v) = %v, want ErrFrameInvalid", o, err)
+		}
+	}
+}

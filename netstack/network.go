@@ -490,15 +490,23 @@ func (n *Network) output(frame []byte) bool {
 // the egress packet-rate limit is exhausted (backpressure). Malformed frames
 // and frames not from the guest's MAC return an error wrapping
 // ErrFrameInvalid; frames dropped by policy return nil.
+//
+// Frames must carry complete checksums; a device that negotiates checksum or
+// segmentation offload passes its virtio-net header's fields to
+// DeliverFrameOffload instead.
 func (n *Network) DeliverFrame(frame []byte) error {
+	return n.deliverFrame(frame, n.mtu+header.EthernetMinimumSize)
+}
+
+func (n *Network) deliverFrame(frame []byte, maxLen int) error {
 	n.frameMu.RLock()
 	defer n.frameMu.RUnlock()
 	if n.isClosed.Load() {
 		return ErrClosed
 	}
-	if len(frame) < header.EthernetMinimumSize || len(frame) > n.mtu+header.EthernetMinimumSize {
+	if len(frame) < header.EthernetMinimumSize || len(frame) > maxLen {
 		n.stats.framesDropped.Add(1)
-		return fmt.Errorf("%w: length %d outside %d..%d", ErrFrameInvalid, len(frame), header.EthernetMinimumSize, n.mtu+header.EthernetMinimumSize)
+		return fmt.Errorf("%w: length %d outside %d..%d", ErrFrameInvalid, len(frame), header.EthernetMinimumSize, maxLen)
 	}
 	eth := header.Ethernet(frame)
 	if eth.SourceAddress() != n.guestMAC {
