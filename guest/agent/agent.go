@@ -66,6 +66,7 @@ type ShutdownRequest struct {
 	Reboot bool
 }
 
+// Error implements error.
 func (s *ShutdownRequest) Error() string {
 	if s.Reboot {
 		return "agent: host requested reboot"

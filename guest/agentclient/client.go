@@ -54,6 +54,7 @@ type SpawnError struct {
 	Message string        // the agent's description
 }
 
+// Error implements error.
 func (e *SpawnError) Error() string {
 	return fmt.Sprintf("agentclient: cannot start %q in the guest: %v: %s", e.Argv0, e.Kind, e.Message)
 }

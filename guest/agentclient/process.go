@@ -49,6 +49,7 @@ type ExitStatus struct {
 // Success reports whether the process exited with code 0.
 func (s ExitStatus) Success() bool { return s.Code == 0 && s.Signal == 0 }
 
+// String describes the status like os.ProcessState does.
 func (s ExitStatus) String() string {
 	if s.Signal != 0 {
 		return "signal: " + s.Signal.String()

@@ -92,6 +92,7 @@ const (
 	FromGuest Direction = 2 // sent by the guest, received by the host
 )
 
+// String returns "host" or "guest".
 func (d Direction) String() string {
 	switch d {
 	case FromHost:
@@ -158,6 +159,7 @@ type FrameError struct {
 	Err    error
 }
 
+// Error implements error.
 func (e *FrameError) Error() string {
 	if e.Reason == "" {
 		return fmt.Sprintf("%v (frame %v, id %d)", e.Err, e.Type, e.ID)

@@ -223,6 +223,7 @@ const (
 	SpawnBadDir     SpawnKind = 4 // the working directory does not exist or is not a directory
 )
 
+// String returns the kind's description.
 func (k SpawnKind) String() string {
 	switch k {
 	case SpawnOther:
