@@ -24,7 +24,7 @@ func ExampleDefault() {
 	defer mem.Close()
 	loaded, err := k.Load(mem, linuxboot.Config{
 		Cmdline: "console=ttyS0",
-		Mapper:  linuxboot.MmapMapper{Mem: mem},
+		Mapper:  mem, // map vmlinux segments copy-on-write
 	})
 	if err != nil {
 		panic(err)

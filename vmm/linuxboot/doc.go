@@ -33,7 +33,7 @@
 //
 // Copying a 56 MB vmlinux into fresh guest memory costs tens to hundreds of
 // milliseconds, mostly page faults. With Config.Mapper set (a FileMapper,
-// implemented by the guest memory owner with mmap MAP_PRIVATE|MAP_FIXED),
+// implemented by guestmem.Memory.MapFile with mmap MAP_PRIVATE|MAP_FIXED),
 // LoadELF maps the page-aligned part of each segment from the vmlinux file
 // copy-on-write instead: under a millisecond, and the host page cache is
 // shared by every VM booting the same kernel.

@@ -11,7 +11,7 @@ import (
 )
 
 // recordingMapper checks and records the calls LoadELF makes, and maps
-// with MmapMapper.
+// with guest memory's own MapFile.
 type recordingMapper struct {
 	t     testing.TB
 	mem   *guestmem.Memory
@@ -23,7 +23,7 @@ func (m *recordingMapper) MapFile(gpa uint64, f *os.File, off int64, n uint64) e
 		m.t.Errorf("MapFile(%#x, %#x, %#x) is not page aligned", gpa, off, n)
 	}
 	m.calls = append(m.calls, [3]uint64{gpa, uint64(off), n})
-	return MmapMapper{Mem: m.mem}.MapFile(gpa, f, off, n)
+	return m.mem.MapFile(gpa, f, off, n)
 }
 
 func writeTemp(t testing.TB, data []byte) *os.File {
@@ -92,7 +92,7 @@ func BenchmarkLoadELFRealMapped(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		cfg.Mapper = MmapMapper{Mem: m}
+		cfg.Mapper = m
 		if _, err := LoadELF(m, f, int64(len(v)), cfg); err != nil {
 			b.Fatal(err)
 		}
@@ -100,11 +100,11 @@ func BenchmarkLoadELFRealMapped(b *testing.B) {
 	}
 }
 
-func TestMmapMapperErrors(t *testing.T) {
+func TestGuestMemoryMapFileErrors(t *testing.T) {
 	mem := newMem(t, 4*mib)
 	content := bytes.Repeat([]byte{0x5a}, 8192)
 	f := writeTemp(t, content)
-	m := MmapMapper{Mem: mem}
+	m := mem
 	if err := m.MapFile(0x1001, f, 0, 4096); err == nil {
 		t.Error("unaligned gpa accepted")
 	}
