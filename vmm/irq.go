@@ -3,10 +3,7 @@ package vmm
 import (
 	"errors"
 	"fmt"
-	"os"
 	"sync"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/gosandbox/sandbox/virtio"
 	"github.com/gosandbox/sandbox/virtio/pci"
@@ -20,64 +17,45 @@ var (
 	_ virtio.Ioevents   = (*VM)(nil)
 )
 
-// errIRQClosed is returned by Trigger after Close.
-var errIRQClosed = errors.New("vmm: interrupt closed")
-
 // msiIRQ is an MSI delivered through an irqfd bound to a GSI route.
 type msiIRQ struct {
 	vm  *VM
 	gsi uint32
+	ev  *virtio.Eventfd
 
-	mu sync.RWMutex // Trigger holds it shared, Close exclusively
-	fd int         // eventfd; -1 once closed
+	once sync.Once
+	err  error
 }
 
 // MSI implements virtio.Interrupts: it routes a new GSI to the MSI message
 // and binds an eventfd to it.
 func (vm *VM) MSI(addr uint64, data uint32) (virtio.Interrupt, error) {
-	fd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	ev, err := virtio.NewEventfd()
 	if err != nil {
-		return nil, fmt.Errorf("vmm: eventfd: %w", err)
+		return nil, err
 	}
 	gsi, err := vm.AllocMSIRoute(addr, data)
 	if err != nil {
-		unix.Close(fd)
+		ev.Close()
 		return nil, err
 	}
-	if err := vm.AddIRQFD(fd, gsi); err != nil {
+	if err := vm.AddIRQFD(ev.Fd(), gsi); err != nil {
 		vm.FreeMSIRoute(gsi)
-		unix.Close(fd)
+		ev.Close()
 		return nil, err
 	}
-	return &msiIRQ{vm: vm, gsi: gsi, fd: fd}, nil
+	return &msiIRQ{vm: vm, gsi: gsi, ev: ev}, nil
 }
-
-var one = [8]byte{1}
 
 // Trigger implements virtio.Interrupt.
-func (m *msiIRQ) Trigger() error {
-	m.mu.RLock()
-	defer m.mu.RUnlock()
-	if m.fd < 0 {
-		return errIRQClosed
-	}
-	_, err := unix.Write(m.fd, one[:])
-	if err == unix.EAGAIN {
-		return nil // the counter is saturated: an interrupt is pending anyway
-	}
-	return err
-}
+func (m *msiIRQ) Trigger() error { return m.ev.Signal() }
 
 // Close implements virtio.Interrupt.
 func (m *msiIRQ) Close() error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.fd < 0 {
-		return nil
-	}
-	err := errors.Join(m.vm.RemoveIRQFD(m.fd, m.gsi), m.vm.FreeMSIRoute(m.gsi), unix.Close(m.fd))
-	m.fd = -1
-	return err
+	m.once.Do(func() {
+		m.err = errors.Join(m.vm.RemoveIRQFD(m.ev.Fd(), m.gsi), m.vm.FreeMSIRoute(m.gsi), m.ev.Close())
+	})
+	return m.err
 }
 
 // irqLine is a level-triggered IOAPIC input.
@@ -99,9 +77,9 @@ func (l irqLine) SetLevel(high bool) error { return l.vm.SetIRQLevel(l.n, high) 
 
 // ioevent is a guest MMIO write address bound to an eventfd.
 type ioevent struct {
+	*virtio.Eventfd
 	vm   *VM
 	desc Ioevent
-	f    *os.File // non-blocking eventfd, read through the Go poller
 	once sync.Once
 	err  error
 }
@@ -113,29 +91,23 @@ func (vm *VM) Ioevent(addr uint64, size int) (virtio.Event, error) {
 	default:
 		return nil, fmt.Errorf("vmm: ioevent size %d: want 1, 2, 4 or 8", size)
 	}
-	fd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	ev, err := virtio.NewEventfd()
 	if err != nil {
-		return nil, fmt.Errorf("vmm: eventfd: %w", err)
-	}
-	d := Ioevent{Addr: addr, Len: uint32(size)}
-	if err := vm.AddIoevent(d, fd); err != nil {
-		unix.Close(fd)
 		return nil, err
 	}
-	return &ioevent{vm: vm, desc: d, f: os.NewFile(uintptr(fd), "ioeventfd")}, nil
+	d := Ioevent{Addr: addr, Len: uint32(size)}
+	if err := vm.AddIoevent(d, ev.Fd()); err != nil {
+		ev.Close()
+		return nil, err
+	}
+	return &ioevent{Eventfd: ev, vm: vm, desc: d}, nil
 }
 
-// Wait implements virtio.Event.
-func (e *ioevent) Wait() error {
-	var b [8]byte
-	_, err := e.f.Read(b[:])
-	return err
-}
-
-// Close implements virtio.Event.
+// Close implements virtio.Event: it unregisters the address, then closes
+// the eventfd (waking a blocked Wait).
 func (e *ioevent) Close() error {
 	e.once.Do(func() {
-		e.err = errors.Join(e.vm.RemoveIoevent(e.desc, int(e.f.Fd())), e.f.Close())
+		e.err = errors.Join(e.vm.RemoveIoevent(e.desc, e.Fd()), e.Eventfd.Close())
 	})
 	return e.err
 }
