@@ -441,3 +441,21 @@ func BenchmarkStdoutThroughput(b *testing.B) {
 		}
 	}
 }
+
+// An interactive shell on a TTY: commands typed on stdin, exit status from
+// the shell's exit.
+func TestInteractiveShellOnTTY(t *testing.T) {
+	e := start(t, agentclient.Options{})
+	var out syncBuffer
+	st, err := e.c.Run(ctxT(t), agentclient.Cmd{
+		Args: []string{"sh"}, TTY: true, Rows: 30, Cols: 100,
+		Stdin:  strings.NewReader("echo hello-$((6*7))\nstty size\nexit 3\n"),
+		Stdout: &out,
+	})
+	if err != nil || st.Code != 3 {
+		t.Errorf("sh on a TTY = %v, %v; want exit status 3", st, err)
+	}
+	if s := out.String(); !strings.Contains(s, "hello-42") || !strings.Contains(s, "30 100") {
+		t.Errorf("TTY output %q lacks hello-42 and 30 100", s)
+	}
+}
