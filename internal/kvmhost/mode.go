@@ -105,10 +105,8 @@ func (p probe) detect() (Mode, error) {
 		return NeedsEmulation, nil
 	}
 	if err := p.openKVM(); err != nil {
-		if errors.Is(err, os.ErrNotExist) || errors.Is(err, os.ErrPermission) {
-			// The CPU could do it but this process cannot; emulation still works.
-			return NeedsEmulation, nil
-		}
+		// The CPU could do it but this process cannot open /dev/kvm (module
+		// not loaded, no permission); the emulated host still works.
 		return NeedsEmulation, nil
 	}
 	return HardwareKVM, nil

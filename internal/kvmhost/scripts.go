@@ -2,6 +2,7 @@ package kvmhost
 
 import (
 	"fmt"
+	"math"
 	"os"
 	"path/filepath"
 	"slices"
@@ -218,5 +219,5 @@ func parseUptime(data []byte) (time.Duration, error) {
 	if err != nil || !(f >= 0 && f <= 1e9) {
 		return 0, fmt.Errorf("bad uptime %q", s)
 	}
-	return time.Duration(f * float64(time.Second)), nil
+	return time.Duration(math.Round(f*1000)) * time.Millisecond, nil
 }
