@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -457,5 +458,59 @@ func TestInteractiveShellOnTTY(t *testing.T) {
 	}
 	if s := out.String(); !strings.Contains(s, "hello-42") || !strings.Contains(s, "30 100") {
 		t.Errorf("TTY output %q lacks hello-42 and 30 100", s)
+	}
+}
+
+func openFDs(t *testing.T) int {
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Skip("no /proc/self/fd")
+	}
+	return len(ents)
+}
+
+// Clients and agents created and closed in a loop leave no goroutines or
+// descriptors behind.
+func TestNoLeaks(t *testing.T) {
+	guesttest.Userland(t)
+	cycle := func() {
+		host, guest := guesttest.SocketPair(t)
+		served := make(chan error, 1)
+		go func() {
+			served <- agent.Serve(context.Background(), guest, agent.Options{Env: []string{"PATH=" + guesttest.Userland(t)}})
+		}()
+		c, err := agentclient.Dial(ctxT(t), host, agentclient.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out bytes.Buffer
+		if st, err := c.Run(ctxT(t), agentclient.Cmd{Args: []string{"sh", "-c", "echo x; cat"}, Stdin: strings.NewReader("y"), Stdout: &out}); err != nil || !st.Success() {
+			t.Fatalf("Run = %v, %v", st, err)
+		}
+		p, err := c.Exec(ctxT(t), agentclient.Cmd{Args: []string{"sleep", "100"}, TTY: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = p
+		c.Close() // with a process still running: the agent kills it
+		<-served
+	}
+	cycle()
+	g0, f0 := runtime.NumGoroutine(), openFDs(t)
+	for range 10 {
+		cycle()
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		g, f := runtime.NumGoroutine(), openFDs(t)
+		if g <= g0 && f <= f0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			buf := make([]byte, 1<<20)
+			n := runtime.Stack(buf, true)
+			t.Fatalf("after 10 cycles: %d goroutines (was %d), %d fds (was %d)\n%s", g, g0, f, f0, buf[:n])
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
