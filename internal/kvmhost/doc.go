@@ -64,11 +64,13 @@
 //   - The outer kernel boots from its uncompressed vmlinux through PVH: cut
 //     out of the bzImage once (xz) and cached, it saves the xz decompressor
 //     running under TCG at every boot (measured: 4.6–9.5 s instead of
-//     12–43 s from QEMU start to /init on this busy 2-core machine).
+//     12–43 s from QEMU start to init having loaded its modules, on this
+//     busy 2-core machine).
 //   - Cache, under os.UserCacheDir()/gosandbox/kvmhost: per kernel package
-//     version the vmlinuz (and the vmlinux cut from it), a modules.dep made from the modules' .modinfo
-//     (the .deb ships none; depmod writes it at install time), and the .deb
-//     itself, from which module files are taken; and initramfs images keyed
+//     version the vmlinuz and the vmlinux cut from it, a modules.dep made
+//     from the modules' .modinfo (the .deb ships none; depmod writes it at
+//     install time), and the .deb itself, from which module files are
+//     taken; and initramfs images keyed
 //     by a hash of kernel, busybox, init script and module list. Fills are
 //     serialized between processes with flock(2) and published by atomic
 //     renames, so parallel go test processes share one cache safely.
