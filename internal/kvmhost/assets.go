@@ -22,6 +22,7 @@ const (
 	qemuBinary     = "qemu-system-x86_64"
 	qemuPackage    = "qemu-system-x86"
 	busyboxPackage = "busybox-static"
+	xzPackage      = "xz-utils"
 	// DefaultKernelPackage is the Debian package whose dependency names the
 	// outer VM's kernel. It is the generic flavour, not "-cloud": Debian's
 	// cloud kernel is built without 9p (CONFIG_NET_9P is not set), and the
@@ -98,7 +99,18 @@ func ensureTools(ctx context.Context, log *slog.Logger, cacheRoot string) (tools
 	if berr != nil {
 		missing = append(missing, busyboxPackage)
 	}
+	if len(missing) == 0 {
+		if _, err := exec.LookPath("xz"); err != nil {
+			// Optional: without it the outer VM boots the slower bzImage.
+			if err := aptInstall(ctx, log, cacheRoot, xzPackage); err != nil {
+				log.Info("kvmhost: xz unavailable; booting the compressed kernel", "err", err)
+			}
+		}
+	}
 	if len(missing) > 0 {
+		if _, err := exec.LookPath("xz"); err != nil {
+			missing = append(missing, xzPackage)
+		}
 		if err := aptInstall(ctx, log, cacheRoot, missing...); err != nil {
 			return t, err
 		}
