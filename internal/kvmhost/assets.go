@@ -100,10 +100,15 @@ func ensureTools(ctx context.Context, log *slog.Logger, cacheRoot string) (tools
 		missing = append(missing, busyboxPackage)
 	}
 	if len(missing) == 0 {
+		marker := filepath.Join(cacheRoot, "xz-install-failed")
 		if _, err := exec.LookPath("xz"); err != nil {
-			// Optional: without it the outer VM boots the slower bzImage.
-			if err := aptInstall(ctx, log, cacheRoot, xzPackage); err != nil {
-				log.Info("kvmhost: xz unavailable; booting the compressed kernel", "err", err)
+			if _, merr := os.Stat(marker); merr != nil {
+				// Optional: without it the outer VM boots the slower
+				// bzImage. One failed attempt is remembered.
+				if err := aptInstall(ctx, log, cacheRoot, xzPackage); err != nil {
+					log.Info("kvmhost: xz unavailable; booting the compressed kernel", "err", err)
+					os.WriteFile(marker, []byte(err.Error()+"\n"), 0o644)
+				}
 			}
 		}
 	}
