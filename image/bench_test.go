@@ -13,6 +13,7 @@ import (
 	"testing"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/gosandbox/sandbox/image/squashfs"
 	"golang.org/x/sys/unix"
 )
 
@@ -57,7 +58,7 @@ func syntheticLayer(b testing.TB) []byte {
 	return mkTar(b, ents...)
 }
 
-func benchConvert(b *testing.B, layer []byte) {
+func benchConvert(b *testing.B, layer []byte, opts ...squashfs.Option) {
 	dir := b.TempDir()
 	b.SetBytes(int64(len(layer)))
 	b.ReportAllocs()
@@ -68,7 +69,7 @@ func benchConvert(b *testing.B, layer []byte) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		st, err := ConvertLayer(context.Background(), bytes.NewReader(layer), f)
+		st, err := ConvertLayer(context.Background(), bytes.NewReader(layer), f, opts...)
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -143,7 +144,10 @@ func BenchmarkExtractSynthetic(b *testing.B) { benchExtract(b, syntheticLayer(b)
 func BenchmarkConvertBusybox(b *testing.B)   { benchConvert(b, busyboxLayer(b)) }
 func BenchmarkExtractBusybox(b *testing.B)   { benchExtract(b, busyboxLayer(b)) }
 func BenchmarkConvertPython(b *testing.B)    { benchConvert(b, pythonLayer(b)) }
-func BenchmarkExtractPython(b *testing.B)    { benchExtract(b, pythonLayer(b)) }
+func BenchmarkConvertPythonLevel1(b *testing.B) {
+	benchConvert(b, pythonLayer(b), squashfs.WithCompressionLevel(1))
+}
+func BenchmarkExtractPython(b *testing.B) { benchExtract(b, pythonLayer(b)) }
 
 // BenchmarkPullPython measures a cold pull + convert of the Debian python3
 // image (one 255 MB layer) from the in-process registry into an empty
@@ -173,4 +177,70 @@ func BenchmarkPullPython(b *testing.B) {
 		_ = os.RemoveAll(root)
 		b.StartTimer()
 	}
+}
+
+// pythonStartup lists the files python3 -c 'print(1)' opens in the Debian
+// python rootfs (recorded once with strace), as an image builder would
+// prioritize them for eStargz prefetch.
+var pythonStartup = []string{
+	"usr/bin/python3.11",
+	"usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+	"usr/lib/x86_64-linux-gnu/libc.so.6",
+	"usr/lib/x86_64-linux-gnu/libm.so.6",
+	"usr/lib/x86_64-linux-gnu/libz.so.1.2.13",
+	"usr/lib/x86_64-linux-gnu/libexpat.so.1.8.10",
+	"usr/lib/locale/C.utf8/LC_CTYPE",
+	"usr/lib/x86_64-linux-gnu/gconv/gconv-modules.cache",
+	"usr/lib/python3.11/encodings/__init__.py",
+	"usr/lib/python3.11/encodings/aliases.py",
+	"usr/lib/python3.11/encodings/utf_8.py",
+	"etc/python3.11/sitecustomize.py",
+}
+
+// BenchmarkFirstExecPython compares, for the same eStargz python image in
+// the in-process registry, the host-side work before python's first exec:
+// "lazy" opens the image (TOCs only), prefetches the landmark region and
+// reads every file python opens at startup; "full" pulls and converts the
+// whole image. Guest boot is not included.
+func BenchmarkFirstExecPython(b *testing.B) {
+	layer := pythonLayer(b)
+	_, host := startRegistry(b)
+	ref := host + "/debian/python:estargz"
+	push(b, ref, buildEStargzImage(b, v1.Config{Cmd: []string{"python3"}}, [][]string{pythonStartup}, layer))
+	ctx := context.Background()
+	b.Run("lazy", func(b *testing.B) {
+		for i := 0; i < b.N; i++ {
+			s, err := Open(WithRoot(b.TempDir()))
+			if err != nil {
+				b.Fatal(err)
+			}
+			li, err := s.OpenLazy(ctx, ref)
+			if err != nil {
+				b.Fatal(err)
+			}
+			if err := li.Prefetch(ctx); err != nil {
+				b.Fatal(err)
+			}
+			for _, f := range pythonStartup {
+				if _, err := li.ReadFile(ctx, f); err != nil {
+					b.Fatal(err)
+				}
+			}
+			st := li.Stats()
+			b.ReportMetric(float64(st.Bytes)/float64(st.Total), "fetched/total")
+			b.ReportMetric(float64(st.Requests), "requests")
+			_ = li.Close()
+		}
+	})
+	b.Run("full", func(b *testing.B) {
+		for i := 0; i < b.N; i++ {
+			s, err := Open(WithRoot(b.TempDir()))
+			if err != nil {
+				b.Fatal(err)
+			}
+			if _, err := s.Pull(ctx, ref); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
 }

@@ -345,11 +345,13 @@ func (c *countHash) Write(p []byte) (int, error) { c.n += int64(len(p)); return 
 // whiteouts become overlayfs whiteouts: ".wh.NAME" a character device 0/0
 // named NAME, ".wh..wh..opq" the xattr trusted.overlay.opaque=y on its
 // directory.
-func ConvertLayer(ctx context.Context, r io.Reader, out io.WriterAt) (LayerStats, error) {
+//
+// opts tune the SquashFS writer (block size, zlib level, concurrency).
+func ConvertLayer(ctx context.Context, r io.Reader, out io.WriterAt, opts ...squashfs.Option) (LayerStats, error) {
 	var st LayerStats
 	ch := &countHash{h: sha256.New()}
 	tee := io.TeeReader(r, ch)
-	w, err := squashfs.NewWriter(out)
+	w, err := squashfs.NewWriter(out, opts...)
 	if err != nil {
 		return st, err
 	}

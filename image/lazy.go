@@ -127,6 +127,10 @@ func (s *Store) OpenLazy(ctx context.Context, ref string, opts ...PullOption) (*
 			_ = li.Close()
 			return nil, fmt.Errorf("%w: layer %d (%s) of %s", ErrNotLazy, i, l.Digest, key)
 		}
+		if l.Size <= 0 || l.Size > maxLazyBlob {
+			_ = li.Close()
+			return nil, fmt.Errorf("%w: layer %s claims %d bytes", ErrInvalidManifest, l.Digest, l.Size)
+		}
 		tocDigest, err := godigest.Parse(toc)
 		if err != nil {
 			_ = li.Close()
@@ -505,7 +509,13 @@ func (f *LazyFile) chunk(off int64) ([]byte, int64, error) {
 	return buf, ce.ChunkOffset, nil
 }
 
-const lazyPage = 256 << 10
+const (
+	lazyPage = 256 << 10
+	// maxRunPages bounds one range request (and its buffer) to 16 MiB.
+	maxRunPages = 64
+	// maxLazyBlob bounds the blob size a manifest may claim (1 TiB).
+	maxLazyBlob = 1 << 40
+)
 
 // rangeBlob is an io.ReaderAt over a registry blob: missing pages are
 // fetched with HTTP range requests and kept in a sparse scratch file.
@@ -570,7 +580,7 @@ func (b *rangeBlob) ensure(off, end int64) error {
 			continue
 		}
 		run := pg
-		for run+1 <= last && !b.have[run+1] {
+		for run+1 <= last && !b.have[run+1] && run-pg < maxRunPages-1 {
 			run++
 		}
 		if err := b.fetch(pg, run); err != nil {

@@ -29,7 +29,7 @@ func buildEStargzImage(t testing.TB, cfg v1.Config, prio [][]string, layers ...[
 		if i < len(prio) && prio[i] != nil {
 			opts = append(opts, estargz.WithPrioritizedFiles(prio[i]))
 		}
-		opts = append(opts, estargz.WithChunkSize(64<<10))
+		opts = append(opts, estargz.WithChunkSize(64<<10), estargz.WithCompressionLevel(1))
 		blob, err := estargz.Build(io.NewSectionReader(bytes.NewReader(l), 0, int64(len(l))), opts...)
 		if err != nil {
 			t.Fatal(err)

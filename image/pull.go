@@ -22,6 +22,7 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
+	"github.com/gosandbox/sandbox/image/squashfs"
 	"github.com/klauspost/compress/gzip"
 	"github.com/klauspost/compress/zstd"
 	"golang.org/x/sys/unix"
@@ -407,7 +408,7 @@ func (s *Store) importLayer(ctx context.Context, l *Layer, report func(Progress)
 		}
 	}()
 
-	st, convErr := convertCompressed(ctx, in, sq)
+	st, convErr := convertCompressed(ctx, in, sq, squashfs.WithCompressionLevel(s.level))
 	// Read what the converter left (compressed trailers) so the digest
 	// covers the whole blob.
 	if convErr == nil {
@@ -473,7 +474,7 @@ func (p *progressReader) flush() {
 
 // convertCompressed detects gzip, zstd or plain tar by magic number and
 // converts the layer.
-func convertCompressed(ctx context.Context, r io.Reader, out io.WriterAt) (LayerStats, error) {
+func convertCompressed(ctx context.Context, r io.Reader, out io.WriterAt, opts ...squashfs.Option) (LayerStats, error) {
 	br := bufio.NewReaderSize(r, 64<<10)
 	magic, _ := br.Peek(4)
 	switch {
@@ -483,7 +484,7 @@ func convertCompressed(ctx context.Context, r io.Reader, out io.WriterAt) (Layer
 			return LayerStats{}, fmt.Errorf("%w: gzip: %v", ErrInvalidLayer, err)
 		}
 		defer zr.Close()
-		st, err := ConvertLayer(ctx, zr, out)
+		st, err := ConvertLayer(ctx, zr, out, opts...)
 		if err == nil {
 			_, err = io.Copy(io.Discard, br)
 		}
@@ -494,10 +495,10 @@ func convertCompressed(ctx context.Context, r io.Reader, out io.WriterAt) (Layer
 			return LayerStats{}, fmt.Errorf("%w: zstd: %v", ErrInvalidLayer, err)
 		}
 		defer zr.Close()
-		st, err := ConvertLayer(ctx, zr, out)
+		st, err := ConvertLayer(ctx, zr, out, opts...)
 		return st, decompErr(err)
 	default:
-		return ConvertLayer(ctx, br, out)
+		return ConvertLayer(ctx, br, out, opts...)
 	}
 }
 

