@@ -308,6 +308,16 @@ func toEntry(hdr *tar.Header) (*layerEntry, bool, error) {
 	return e, false, nil
 }
 
+// estargzMeta are the root entries eStargz adds to a layer (its TOC and
+// prefetch landmarks). They are build metadata, not image content, so they
+// are left out of the file system, as stargz-snapshotter does; DiffID still
+// covers them.
+var estargzMeta = map[string]bool{
+	"stargz.index.json":     true,
+	".prefetch.landmark":    true,
+	".no.prefetch.landmark": true,
+}
+
 // LayerStats describes one converted layer.
 type LayerStats struct {
 	// DiffID is the sha256 digest of the uncompressed tar stream
@@ -357,6 +367,9 @@ func ConvertLayer(ctx context.Context, r io.Reader, out io.WriterAt, opts ...squ
 	}
 	var opaque []string
 	err = walkTar(ctx, tee, func(e *layerEntry, data io.Reader) error {
+		if estargzMeta[e.Path] {
+			return nil
+		}
 		st.Entries++
 		st.DroppedXattrs += e.Dropped
 		se := squashfs.Entry{Path: e.Path, Mode: e.Mode, UID: e.UID, GID: e.GID, ModTime: e.ModTime, Xattrs: e.Xattrs}

@@ -119,13 +119,29 @@
 // exec. User names are resolved in the guest against the image's
 // /etc/passwd and /etc/group.
 //
-// # Not here yet
+// # Lazy eStargz images
 //
-// Lazy pulling of estargz images is designed but not implemented: the plan is
-// to read the estargz table of contents (the footer points at it; package
-// github.com/containerd/stargz-snapshotter/estargz parses it), serve the tree
-// to the guest over virtio-9p (github.com/hugelgupf/p9) and fetch file chunks
-// with HTTP range requests on the layer blob (go-containerregistry's transport
-// gives an authenticated client), prefetching the files listed before the
-// ".prefetch.landmark" entry before the sandbox starts.
+// Store.OpenLazy opens an eStargz image (every layer descriptor carries the
+// containerd.io/snapshot/stargz/toc.digest annotation; otherwise
+// ErrNotLazy) without downloading its layers. It fetches each layer's footer
+// and table of contents with HTTP range requests
+// (github.com/containerd/stargz-snapshotter/estargz parses them), checks the
+// TOC against the digest the manifest pins, and then serves the merged tree
+// (whiteouts and opaque directories applied) through Lookup, ReadDir, Open and
+// ReadFile. File contents are fetched on demand in 256 KiB pages, at most 16
+// MiB per request, kept in a sparse scratch file, and every chunk is verified
+// against its TOC digest before a byte is returned (ErrDigestMismatch
+// otherwise). Prefetch fetches, in one request per layer, everything the
+// image builder placed before the ".prefetch.landmark" entry.
+//
+// What the integrator must add: a 9P server (github.com/hugelgupf/p9) whose
+// files are LazyImage entries, exported to the guest over virtio-9p and used
+// as the lowest overlayfs layer (or as the whole lower tree), so the sandbox
+// boots before the image is downloaded. That server lives with the virtio-9p
+// device, not here. Caveats: a lazily read layer's diff_id cannot be checked
+// until the whole layer has been read (integrity rests on the TOC digest in
+// the manifest and the per-chunk digests); a caller's context bounds each
+// call but cannot interrupt one range request already in flight (Close does).
+// A full Pull of an eStargz image works as for any gzip image; the TOC and
+// landmark entries are left out of the SquashFS image.
 package image

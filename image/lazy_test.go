@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"io/fs"
+	"os"
 	"path"
 	"sort"
 	"strings"
@@ -145,6 +146,19 @@ func TestLazyMatchesReference(t *testing.T) {
 	}
 	if _, err := li.Lookup(estargz.PrefetchLandmark); err == nil {
 		t.Error("eStargz landmark is visible")
+	}
+	// A full pull of the same eStargz image shows the same tree.
+	if os.Getuid() == 0 {
+		img, err := s.Pull(context.Background(), ref)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var layers []tree
+		for _, l := range img.Layers {
+			tr, _ := readTree(t, unsquash(t, l.Path))
+			layers = append(layers, tr)
+		}
+		compareTrees(t, got, overlayMerge(layers))
 	}
 	_ = li.Close()
 	_ = li.Close()
