@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -170,6 +171,22 @@ func powerOff(log *slog.Logger, reboot bool) {
 // it.
 const testAgentFD = "GOSANDBOX_AGENT_FD"
 
+// shieldSignals catches the signals on which the Go runtime would exit
+// (SIGTERM, SIGHUP, ...) and drops them: `kill 1` from a command in the
+// guest must not end PID 1, which would panic the kernel. They are caught,
+// not ignored, so processes the agent starts get default dispositions.
+func shieldSignals(log *slog.Logger) {
+	ch := make(chan os.Signal, 16)
+	signal.Notify(ch, unix.SIGHUP, unix.SIGINT, unix.SIGTERM, unix.SIGQUIT, unix.SIGUSR1, unix.SIGUSR2,
+		unix.SIGALRM, unix.SIGPIPE, unix.SIGABRT, unix.SIGTRAP, unix.SIGSEGV, unix.SIGBUS, unix.SIGFPE,
+		unix.SIGSYS, unix.SIGPWR, unix.SIGXCPU, unix.SIGXFSZ, unix.SIGVTALRM, unix.SIGPROF, unix.SIGSTKFLT)
+	go func() {
+		for sig := range ch {
+			log.Debug("PID 1 ignores a signal", "signal", sig)
+		}
+	}()
+}
+
 // pid1 boots the guest and serves the agent. It never returns.
 func pid1() {
 	testFD := os.Getenv(testAgentFD)
@@ -183,6 +200,7 @@ func pid1() {
 			powerOff(log, false)
 		}
 	}()
+	shieldSignals(log)
 	os.Setenv("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
 	os.Setenv("HOME", "/root")
 	mountAll(log)

@@ -98,6 +98,18 @@ func TestPID1InNamespaces(t *testing.T) {
 		}
 		return out.String()
 	}
+	// Signals to PID 1 that would end a Go program are shrugged off.
+	run("kill", "-s", "TERM", "1")
+	run("kill", "-s", "USR1", "1")
+	run("kill", "-s", "HUP", "1")
+	if err := c.Ping(ctx); err != nil {
+		t.Fatalf("Ping after signalling PID 1 = %v (init stderr: %s)", err, stderr.String())
+	}
+	// ... and processes it starts still die of them.
+	var killed bytes.Buffer
+	if st, err := c.Run(ctx, agentclient.Cmd{Args: []string{"sh", "-c", "kill -s TERM $$; echo survived"}, Stdout: &killed}); err != nil || st.Signal != syscall.SIGTERM {
+		t.Errorf("sh killing itself with SIGTERM = %v, %v, %q", st, err, killed.String())
+	}
 	if got := run("uname", "-n"); got != "pid1-test\n" {
 		t.Errorf("hostname = %q, want pid1-test", got)
 	}

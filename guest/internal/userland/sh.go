@@ -72,6 +72,16 @@ func sh(ctx context.Context, stdio IO, args []string) int {
 		interp.StdIO(stdio.Stdin, stdio.Stdout, stdio.Stderr),
 		interp.Params(append(opts, append([]string{"--"}, params...)...)...),
 		interp.Interactive(interactive),
+		interp.CallHandler(func(ctx context.Context, args []string) ([]string, error) {
+			// The interpreter knows kill as a builtin it does not
+			// implement: run this binary's kill instead.
+			if args[0] == "kill" {
+				if exe, err := os.Executable(); err == nil {
+					return append([]string{exe, "kill"}, args[1:]...), nil
+				}
+			}
+			return args, nil
+		}),
 		interp.ExecHandlers(func(next interp.ExecHandlerFunc) interp.ExecHandlerFunc {
 			return interp.DefaultExecHandler(2 * time.Second)
 		}),
