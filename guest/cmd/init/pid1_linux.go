@@ -110,17 +110,18 @@ func loopbackUp() error {
 }
 
 // findPort waits for the virtio-console port called name (there is no
-// udev: the names are in sysfs) and returns its device path.
-func findPort(name string, wait time.Duration) (string, error) {
+// udev: the names are in sysfs) and returns its device path. root is "/"
+// except in tests.
+func findPort(root, name string, wait time.Duration) (string, error) {
 	deadline := time.Now().Add(wait)
 	for {
-		dirs, _ := filepath.Glob("/sys/class/virtio-ports/vport*")
+		dirs, _ := filepath.Glob(filepath.Join(root, "sys/class/virtio-ports/vport*"))
 		for _, d := range dirs {
 			b, err := os.ReadFile(filepath.Join(d, "name"))
 			if err != nil || strings.TrimSpace(string(b)) != name {
 				continue
 			}
-			dev := "/dev/" + filepath.Base(d)
+			dev := filepath.Join(root, "dev", filepath.Base(d))
 			if _, err := os.Stat(dev); err == nil {
 				return dev, nil
 			}
@@ -223,7 +224,7 @@ func pid1() {
 		unix.CloseOnExec(fd)
 		port = os.NewFile(uintptr(fd), "agent")
 	} else {
-		dev, err := findPort(p.port, p.portWait)
+		dev, err := findPort("/", p.port, p.portWait)
 		if err != nil {
 			log.Error("agent port", "err", err)
 			powerOff(log, false)

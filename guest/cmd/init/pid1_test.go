@@ -163,3 +163,27 @@ func TestPID1InNamespaces(t *testing.T) {
 		t.Fatalf("init did not power off after Shutdown")
 	}
 }
+
+func TestFindPort(t *testing.T) {
+	root := t.TempDir()
+	mk := func(vport, name string) {
+		d := filepath.Join(root, "sys/class/virtio-ports", vport)
+		os.MkdirAll(d, 0o755)
+		os.WriteFile(filepath.Join(d, "name"), []byte(name+"\n"), 0o644)
+		os.MkdirAll(filepath.Join(root, "dev"), 0o755)
+		os.WriteFile(filepath.Join(root, "dev", vport), nil, 0o644)
+	}
+	mk("vport1p1", "other")
+	if _, err := findPort(root, "gosandbox.agent", 20*time.Millisecond); err == nil {
+		t.Errorf("findPort found a port that does not exist")
+	}
+	// The port appears while findPort waits.
+	go func() {
+		time.Sleep(30 * time.Millisecond)
+		mk("vport1p2", "gosandbox.agent")
+	}()
+	dev, err := findPort(root, "gosandbox.agent", 30*time.Second)
+	if err != nil || dev != filepath.Join(root, "dev/vport1p2") {
+		t.Errorf("findPort = %q, %v; want %s/dev/vport1p2", dev, err, root)
+	}
+}
