@@ -1,6 +1,7 @@
 package userland
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -66,6 +67,16 @@ func sh(ctx context.Context, stdio IO, args []string) int {
 			if _, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS); err == nil {
 				interactive = true
 			}
+		} else {
+			// The interpreter copies a non-file stdin through a pipe
+			// on its own goroutine, which would race the parser for
+			// the script: read the script first.
+			b, err := io.ReadAll(stdio.Stdin)
+			if err != nil {
+				fmt.Fprintf(stdio.Stderr, "sh: %v\n", err)
+				return 2
+			}
+			src = bytes.NewReader(b)
 		}
 	}
 	runner, err := interp.New(
