@@ -75,9 +75,6 @@ func (s *Store) OpenLazy(ctx context.Context, ref string, opts ...PullOption) (*
 	}
 	key := r.Name()
 	rt := s.transport
-	if rt == nil {
-		rt = remote.DefaultTransport
-	}
 	auth := o.auth
 	if auth == nil {
 		if auth, err = s.keychain.Resolve(r.Context()); err != nil {

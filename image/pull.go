@@ -190,9 +190,6 @@ func (s *Store) Pull(ctx context.Context, ref string, opts ...PullOption) (*Imag
 		ropts = append(ropts, remote.WithAuthFromKeychain(s.keychain))
 	}
 	rt := s.transport
-	if rt == nil {
-		rt = remote.DefaultTransport
-	}
 	if o.insecure {
 		if t, ok := rt.(*http.Transport); ok {
 			t = t.Clone()

@@ -10,10 +10,12 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/registry"
@@ -365,3 +367,49 @@ func TestStoreConcurrentPulls(t *testing.T) {
 }
 
 func nilLogger() *log.Logger { return log.New(io.Discard, "", 0) }
+
+// TestNoLeaks pulls, lazily opens and loads images, closes everything and
+// checks that goroutines return to the baseline and no scratch file stays.
+func TestNoLeaks(t *testing.T) {
+	_, host := startRegistry(t)
+	base, top := testLayers(t)
+	push(t, host+"/leak:1", buildImage(t, v1.Config{}, base, top))
+	push(t, host+"/leak:lazy", buildEStargzImage(t, v1.Config{}, nil, base))
+	before := runtime.NumGoroutine()
+	for i := 0; i < 3; i++ {
+		s, err := Open(WithRoot(t.TempDir()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Pull(context.Background(), host+"/leak:1"); err != nil {
+			t.Fatal(err)
+		}
+		li, err := s.OpenLazy(context.Background(), host+"/leak:lazy")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := li.ReadFile(context.Background(), "etc/passwd"); err != nil {
+			t.Fatal(err)
+		}
+		_ = li.Close()
+		var buf bytes.Buffer
+		if err := s.Save(context.Background(), &buf, FormatBoth, host+"/leak:1"); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Load(context.Background(), &buf); err != nil {
+			t.Fatal(err)
+		}
+		assertNoScratch(t, s)
+		_ = s.Close()
+	}
+	// Idle connection goroutines exit asynchronously after Close; wait for
+	// them (this is a condition, not a timing assertion).
+	deadline := time.Now().Add(10 * time.Second)
+	for runtime.NumGoroutine() > before && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if n := runtime.NumGoroutine(); n > before {
+		buf := make([]byte, 1<<20)
+		t.Fatalf("%d goroutines before, %d after:\n%s", before, n, buf[:runtime.Stack(buf, true)])
+	}
+}

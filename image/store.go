@@ -20,6 +20,7 @@ import (
 
 	"github.com/google/go-containerregistry/pkg/authn"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"golang.org/x/sys/unix"
 )
 
@@ -36,12 +37,14 @@ import (
 //	index.json                  reference -> manifest digest
 //	tmp/, locks/, gc.lock       scratch files and lock files
 //
-// A Store holds no goroutines or open files between calls; Close only marks
-// it closed.
+// A Store holds no goroutines or open files between calls; its only
+// long-lived resource is its HTTP transport's idle connections, which Close
+// releases.
 type Store struct {
 	root      string
 	log       *slog.Logger
 	transport http.RoundTripper
+	ownedRT   *http.Transport // created by Open; idle connections closed by Close
 	keychain  authn.Keychain
 	jobs      int
 	level     int
@@ -126,6 +129,14 @@ func Open(opts ...StoreOption) (*Store, error) {
 			return nil, err
 		}
 	}
+	if s.transport == nil {
+		if t, ok := remote.DefaultTransport.(*http.Transport); ok {
+			s.ownedRT = t.Clone()
+			s.transport = s.ownedRT
+		} else {
+			s.transport = remote.DefaultTransport
+		}
+	}
 	if s.root == "" {
 		dir, err := os.UserCacheDir()
 		if err != nil {
@@ -144,10 +155,16 @@ func Open(opts ...StoreOption) (*Store, error) {
 // Root returns the cache directory.
 func (s *Store) Root() string { return s.root }
 
-// Close marks the store closed; later calls fail with ErrClosed. It holds no
-// other resources and is safe to call twice.
+// Close marks the store closed (later calls fail with ErrClosed) and closes
+// the idle registry connections of the HTTP transport Open created. It is
+// safe to call twice.
 func (s *Store) Close() error {
-	s.closed.Store(true)
+	if s.closed.Swap(true) {
+		return nil
+	}
+	if s.ownedRT != nil {
+		s.ownedRT.CloseIdleConnections()
+	}
 	return nil
 }
 
