@@ -93,12 +93,15 @@ func Binary() ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("guest: embedded artifact: %w", err)
 	}
-	zr, err := zstd.NewReader(bytes.NewReader(z), zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(64<<20))
+	if m.BinarySize <= 0 || m.BinarySize > 64<<20 {
+		return nil, fmt.Errorf("guest: embedded manifest has a bad binary size %d", m.BinarySize)
+	}
+	zr, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(64<<20))
 	if err != nil {
 		return nil, fmt.Errorf("guest: embedded artifact: %w", err)
 	}
 	defer zr.Close()
-	b, err := io.ReadAll(io.LimitReader(zr, m.BinarySize+1))
+	b, err := zr.DecodeAll(z, make([]byte, 0, m.BinarySize))
 	if err != nil {
 		return nil, fmt.Errorf("guest: embedded artifact: %w", err)
 	}
@@ -124,6 +127,7 @@ var (
 // hosts. The archive is the same bytes on every call.
 func Initramfs() ([]byte, error) {
 	var buf bytes.Buffer
+	buf.Grow(5 << 20)
 	if err := WriteInitramfs(&buf); err != nil {
 		return nil, err
 	}

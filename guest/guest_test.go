@@ -140,3 +140,11 @@ func TestKernelCmdline(t *testing.T) {
 		t.Errorf("KernelCmdline(\"\") = %q", got)
 	}
 }
+
+func BenchmarkInitramfs(b *testing.B) {
+	for b.Loop() {
+		if _, err := Initramfs(); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
