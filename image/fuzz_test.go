@@ -6,6 +6,9 @@ import (
 	"context"
 	"errors"
 	"io"
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -68,6 +71,36 @@ func FuzzConvert(f *testing.F) {
 		}
 		if st.ImageBytes != int64(len(m.b)) || len(m.b) < 96 || string(m.b[:4]) != "hsqs" {
 			t.Fatalf("bad image: %d bytes, stats %+v", len(m.b), st)
+		}
+	})
+}
+
+// FuzzLoadArchive feeds arbitrary archives to Store.Load: a typed error or
+// an image, never a panic, and no scratch file left behind.
+func FuzzLoadArchive(f *testing.F) {
+	img := mkTar(f, tent{name: "f", body: "x"})
+	cfg := []byte(`{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":["` + digestOf(img) + `"]}}`)
+	mj := []byte(`[{"Config":"c.json","RepoTags":["t:1"],"Layers":["l.tar"]}]`)
+	f.Add(mkTar(f, tent{name: "manifest.json", body: string(mj)}, tent{name: "c.json", body: string(cfg)}, tent{name: "l.tar", body: string(img)}))
+	f.Add(mkTar(f, tent{name: "oci-layout", body: `{"imageLayoutVersion":"1.0.0"}`}, tent{name: "index.json", body: `{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:` + strings.Repeat("0", 64) + `","size":1}]}`}))
+	root := f.TempDir()
+	f.Fuzz(func(t *testing.T, data []byte) {
+		s, err := Open(WithRoot(root))
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = s.Load(context.Background(), bytes.NewReader(data))
+		if err != nil {
+			typed := false
+			for _, e := range []error{ErrUnsafePath, ErrLinkEscape, ErrDuplicateEntry, ErrTruncated, ErrInvalidLayer, ErrInvalidManifest, ErrDigestMismatch, ErrNotFound} {
+				typed = typed || errors.Is(err, e)
+			}
+			if !typed {
+				t.Fatalf("untyped error: %v", err)
+			}
+		}
+		if ents, _ := os.ReadDir(filepath.Join(root, "tmp")); len(ents) != 0 {
+			t.Fatalf("%d scratch files left", len(ents))
 		}
 	})
 }

@@ -413,3 +413,28 @@ func TestNoLeaks(t *testing.T) {
 		t.Fatalf("%d goroutines before, %d after:\n%s", before, n, buf[:runtime.Stack(buf, true)])
 	}
 }
+
+func TestVerifyDetectsCorruption(t *testing.T) {
+	_, host := startRegistry(t)
+	base, _ := testLayers(t)
+	ref := host + "/verify:1"
+	push(t, ref, buildImage(t, v1.Config{Cmd: []string{"x"}}, base))
+	s := openStore(t, t.TempDir())
+	img, err := s.Pull(context.Background(), ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Verify(context.Background(), ref); err != nil {
+		t.Fatal(err)
+	}
+	if c, err := img.Command(Overrides{}); err != nil || c.Args[0] != "x" {
+		t.Fatalf("Command = %+v, %v", c, err)
+	}
+	bp, _ := s.blobPath(img.Layers[0].Digest)
+	if err := os.WriteFile(bp, []byte("tampered"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Verify(context.Background(), ref); !errors.Is(err, ErrDigestMismatch) {
+		t.Fatalf("Verify after tampering: %v, want ErrDigestMismatch", err)
+	}
+}

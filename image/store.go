@@ -690,3 +690,54 @@ func (s *Store) Prune(ctx context.Context) (PruneReport, error) {
 	})
 	return rep, err
 }
+
+// Command applies the image config and overrides (see CommandFor).
+func (img *Image) Command(ov Overrides) (Command, error) {
+	if img.Config == nil {
+		return CommandFor(nil, ov)
+	}
+	return CommandFor(&img.Config.Config, ov)
+}
+
+// Verify re-checks a cached image: every layer blob must hash to its digest
+// and every layer image must be a SquashFS file. It reports the first
+// problem as a *DigestError or ErrNotPresent; Remove and pull again to
+// repair.
+func (s *Store) Verify(ctx context.Context, ref string) error {
+	img, err := s.Get(ctx, ref)
+	if err != nil {
+		return err
+	}
+	for _, l := range img.Layers {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		bp, err := s.blobPath(l.Digest)
+		if err != nil {
+			return err
+		}
+		f, err := os.Open(bp)
+		if err != nil {
+			return fmt.Errorf("%w: layer blob %s: %v", ErrNotPresent, l.Digest, err)
+		}
+		got, _, err := hashReader(f)
+		_ = f.Close()
+		if err != nil {
+			return err
+		}
+		if got != l.Digest {
+			return &DigestError{What: "cached layer " + l.Digest, Want: l.Digest, Got: got}
+		}
+		lf, err := os.Open(l.Path)
+		if err != nil {
+			return fmt.Errorf("%w: layer image %s: %v", ErrNotPresent, l.Path, err)
+		}
+		var magic [4]byte
+		_, err = io.ReadFull(lf, magic[:])
+		_ = lf.Close()
+		if err != nil || string(magic[:]) != "hsqs" {
+			return fmt.Errorf("%w: %s is not a SquashFS image (remove the image and pull again)", ErrInvalidLayer, l.Path)
+		}
+	}
+	return nil
+}
