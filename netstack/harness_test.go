@@ -125,7 +125,9 @@ func attachGuest(t testing.TB, n *Network) *testGuest {
 		for {
 			select {
 			case f := <-g.toNet:
-				if o, ok := partialChecksum(f); ok && g.offload.Load() {
+				if !g.offload.Load() {
+					n.DeliverFrame(f)
+				} else if o, ok := partialChecksum(f); ok {
 					n.DeliverFrameOffload(f, o)
 				} else {
 					n.DeliverFrame(f)
