@@ -99,6 +99,21 @@ func echoRequestV4(n *Network, dst netip.Addr, id, seq uint16, data []byte) []by
 	return ethFrame(n.guestMAC, n.gwMAC, header.IPv4ProtocolNumber, p)
 }
 
+func echoRequestV6(n *Network, dst netip.Addr, id, seq uint16, data []byte) []byte {
+	icmpLen := header.ICMPv6EchoMinimumSize + len(data)
+	p := make([]byte, header.IPv6MinimumSize+icmpLen)
+	srcA, dstA := tcpip.AddrFrom16(n.g6.As16()), tcpip.AddrFrom16(dst.As16())
+	header.IPv6(p).Encode(&header.IPv6Fields{PayloadLength: uint16(icmpLen), TransportProtocol: header.ICMPv6ProtocolNumber,
+		HopLimit: 64, SrcAddr: srcA, DstAddr: dstA})
+	ic := header.ICMPv6(p[header.IPv6MinimumSize:])
+	ic.SetType(header.ICMPv6EchoRequest)
+	ic.SetIdent(id)
+	ic.SetSequence(seq)
+	copy(ic[header.ICMPv6EchoMinimumSize:], data)
+	ic.SetChecksum(header.ICMPv6Checksum(header.ICMPv6ChecksumParams{Header: ic, Src: srcA, Dst: dstA}))
+	return ethFrame(n.guestMAC, n.gwMAC, header.IPv6ProtocolNumber, p)
+}
+
 // next returns the next frame of the given EtherType, or nil after a while.
 func next(out chan []byte, typ tcpip.NetworkProtocolNumber) []byte {
 	deadline := time.After(2 * time.Second)
@@ -226,6 +241,30 @@ func TestICMPEcho(t *testing.T) {
 			t.Fatal(err)
 		}
 		checkEchoReply(t, next(out, header.IPv4ProtocolNumber), lo, 7, 3, "relay")
+
+		lo6 := netip.IPv6Loopback()
+		if err := n.DeliverFrame(echoRequestV6(n, lo6, 9, 4, []byte("relay6"))); err != nil {
+			t.Fatal(err)
+		}
+		for {
+			f := next(out, header.IPv6ProtocolNumber)
+			if f == nil {
+				t.Fatal("no IPv6 echo reply")
+			}
+			ip := header.IPv6(f[header.EthernetMinimumSize:])
+			ic := header.ICMPv6(ip.Payload())
+			if ip.TransportProtocol() != header.ICMPv6ProtocolNumber || ic.Type() != header.ICMPv6EchoReply {
+				continue
+			}
+			if netip.AddrFrom16(ip.SourceAddress().As16()) != lo6 || ic.Ident() != 9 || ic.Sequence() != 4 ||
+				string(ic[header.ICMPv6EchoMinimumSize:]) != "relay6" {
+				t.Errorf("IPv6 echo reply from %v id %d seq %d data %q", ip.SourceAddress(), ic.Ident(), ic.Sequence(), ic[header.ICMPv6EchoMinimumSize:])
+			}
+			if want := header.ICMPv6Checksum(header.ICMPv6ChecksumParams{Header: ic, Src: ip.SourceAddress(), Dst: ip.DestinationAddress()}); ic.Checksum() != want {
+				t.Errorf("IPv6 echo reply checksum %#x, want %#x", ic.Checksum(), want)
+			}
+			return
+		}
 	})
 }
 
