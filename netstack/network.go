@@ -369,6 +369,10 @@ func (n *Network) startStack() error {
 	if err := s.SetTransportProtocolOption(tcp.ProtocolNumber, &rcv); err != nil {
 		return fail("set receive buffer", err)
 	}
+	moderate := tcpip.TCPModerateReceiveBufferOption(true)
+	if err := s.SetTransportProtocolOption(tcp.ProtocolNumber, &moderate); err != nil {
+		return fail("enable receive buffer moderation", err)
+	}
 	snd := tcpip.TCPSendBufferSizeRangeOption{Min: 4 << 10, Default: 1 << 20, Max: 8 << 20}
 	if err := s.SetTransportProtocolOption(tcp.ProtocolNumber, &snd); err != nil {
 		return fail("set send buffer", err)
@@ -452,6 +456,18 @@ func (n *Network) SetOutput(w FrameWriter) {
 		return
 	}
 	n.out.Store(&writerBox{w})
+}
+
+// Ports returns the ports currently published (from Config.Ports and
+// Publish), in no particular order.
+func (n *Network) Ports() []*Published {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	out := make([]*Published, 0, len(n.published))
+	for p := range n.published {
+		out = append(out, p)
+	}
+	return out
 }
 
 // Stats returns a snapshot of the network's counters.
