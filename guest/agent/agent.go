@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"runtime/debug"
 	"strings"
 	"sync"
 	"time"
@@ -87,9 +88,32 @@ type server struct {
 	wbuf []byte
 	werr error
 
-	mu      sync.Mutex
-	streams map[uint32]*stream
-	wg      sync.WaitGroup
+	mu       sync.Mutex
+	streams  map[uint32]*stream
+	panicErr error // set when a goroutine of the agent panicked
+	wg       sync.WaitGroup
+}
+
+// ErrPanic is wrapped by the error Serve returns when the agent itself
+// panicked; the panic is recovered so that PID 1 can power off cleanly.
+var ErrPanic = errors.New("agent: internal error (panic)")
+
+// goSafe runs fn on a goroutine that Serve waits for; a panic in fn ends
+// Serve with ErrPanic instead of the process.
+func (s *server) goSafe(fn func()) {
+	s.wg.Go(func() {
+		defer func() {
+			if r := recover(); r != nil {
+				s.mu.Lock()
+				if s.panicErr == nil {
+					s.panicErr = fmt.Errorf("%w: %v\n%s", ErrPanic, r, debug.Stack())
+				}
+				s.mu.Unlock()
+				s.cancel()
+			}
+		}()
+		fn()
+	})
 }
 
 // Serve speaks the agent protocol on rwc until the host goes away, asks
@@ -128,10 +152,18 @@ func Serve(ctx context.Context, rwc io.ReadWriteCloser, opts Options) (err error
 	s.ctx, s.cancel = context.WithCancel(ctx)
 	stop := context.AfterFunc(s.ctx, func() { rwc.Close() })
 	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("%w: %v\n%s", ErrPanic, r, debug.Stack())
+		}
 		stop()
 		s.cancel()
 		rwc.Close()
 		s.teardown()
+		s.mu.Lock()
+		if s.panicErr != nil {
+			err = s.panicErr
+		}
+		s.mu.Unlock()
 	}()
 	err = s.serve()
 	if ctx.Err() != nil && !isShutdown(err) {

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -185,5 +186,21 @@ func TestMergeEnv(t *testing.T) {
 		if got[i] != want[i] {
 			t.Fatalf("mergeEnv = %q, want %q", got, want)
 		}
+	}
+}
+
+// A panic inside the agent ends Serve with ErrPanic (so PID 1 can power
+// off) instead of crashing the process.
+func TestPanicBecomesError(t *testing.T) {
+	host, guest := guesttest.SocketPair(t)
+	defer host.Close()
+	done := make(chan error, 1)
+	go func() {
+		done <- Serve(context.Background(), guest, Options{allowExec: func(*agentproto.ExecRequest) bool { panic("boom") }})
+	}()
+	hostSide(t, host, agentproto.Config{Version: 1})
+	host.Write(enc(t, agentproto.TypeExec, 1, &agentproto.ExecRequest{Argv: []string{"x"}}))
+	if err := <-done; !errors.Is(err, ErrPanic) || !strings.Contains(err.Error(), "boom") {
+		t.Errorf("Serve = %v, want ErrPanic with boom", err)
 	}
 }

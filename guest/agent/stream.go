@@ -339,21 +339,21 @@ func (s *server) start(id uint32, req *agentproto.ExecRequest) (*stream, *agentp
 	types := []agentproto.Type{agentproto.TypeStdout, agentproto.TypeStderr}
 	for i, f := range st.outputs {
 		pumps.Add(1)
-		s.wg.Go(func() {
+		s.goSafe(func() {
 			defer pumps.Done()
 			st.pump(f, types[i])
 		})
 	}
 	stdinDone := make(chan struct{})
 	if st.stdin != nil {
-		s.wg.Go(func() {
+		s.goSafe(func() {
 			defer close(stdinDone)
 			st.feedStdin()
 		})
 	} else {
 		close(stdinDone)
 	}
-	s.wg.Go(func() { st.wait(status, &pumps, stdinDone) })
+	s.goSafe(func() { st.wait(status, &pumps, stdinDone) })
 	return st, nil
 }
 
