@@ -9,8 +9,7 @@
 // unprivileged ICMP sockets where the host allows them
 // (net.ipv4.ping_group_range). IPv4 and IPv6 both work end to end.
 //
-// Each flow is checked, fail-closed, against a Policy: an ordered list of
-// rules ("allow@public", "deny:egress@*.example.com:tcp:443",
+// Each flow is checked, fail-closed, against an ordered list of rules ("allow@public", "deny:egress@*.example.com:tcp:443",
 // "allow@host:tcp:8080", ...) where the first match wins, with a default per
 // direction. The default egress policy allows the public internet only. Domain
 // rules match only addresses this sandbox resolved for that name through the
@@ -25,6 +24,25 @@
 // (*Network).DeliverFrame takes a guest→host frame and a FrameWriter receives
 // host→guest frames. GuestConfig is what the guest agent needs to configure
 // the interface.
+//
+// # Wiring a virtio-net device
+//
+// The device owns the guest side; the Network owns everything else:
+//
+//	n, err := netstack.New(netstack.Config{Name: id, Rules: rules})
+//	cfg := n.Guest()         // MAC and MTU for the device's config space,
+//	                         // addresses, routes and resolv.conf for the agent
+//	n.SetOutput(dev)         // dev.WriteFrame(frame): copy into the RX queue
+//	// TX queue worker, per frame (virtio-net header stripped):
+//	err = n.DeliverFrame(frame)                 // no offloads negotiated
+//	err = n.DeliverFrameOffload(frame, offload) // NEEDS_CSUM / GSO from the header
+//	...
+//	n.Close()
+//
+// Host→guest frames always carry complete checksums and never exceed the
+// MTU, so the device may write them with an all-zero virtio-net header. Use a
+// large MTU (DefaultMTU, announced with VIRTIO_NET_F_MTU) rather than
+// host→guest segmentation offload.
 //
 // What is hand-written here, and why: the flow proxy, policy, DNS filter and
 // rate limits are this project's semantics and no library offers them; the

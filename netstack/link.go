@@ -17,7 +17,8 @@ import (
 // WriteFrame must not keep frame after it returns. It is called from stack
 // goroutines, possibly concurrently. It may block briefly to wait for receive
 // buffers (backpressure) but must return once the device is closed; returning
-// an error drops the frame (TCP retransmits).
+// an error drops the frame (TCP retransmits). It must not call DeliverFrame
+// synchronously: hand frames to the guest through a queue.
 type FrameWriter interface {
 	WriteFrame(frame []byte) error
 }

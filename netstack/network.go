@@ -38,7 +38,9 @@ const (
 
 const nicID tcpip.NICID = 1
 
-// Dialer opens host sockets for proxied flows. *net.Dialer implements it.
+// Dialer opens host sockets for proxied flows and upstream DNS queries.
+// *net.Dialer implements it. UDP flows are dialed on the stack's receive
+// path, so DialContext for "udp" must not block for long.
 type Dialer interface {
 	DialContext(ctx context.Context, network, address string) (net.Conn, error)
 }

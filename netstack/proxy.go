@@ -28,6 +28,11 @@ func (n *Network) handleTCP(r *tcp.ForwarderRequest) {
 	if port == 53 {
 		// All DNS goes to the gateway's resolver, whatever server the guest
 		// picked, so blocking and pinning cannot be bypassed.
+		if !n.conns.acquire() {
+			r.Complete(true)
+			return
+		}
+		defer n.conns.release()
 		c, ok := n.acceptTCP(r)
 		if !ok {
 			return
@@ -172,16 +177,22 @@ func (n *Network) handleUDP(r *udp.ForwarderRequest) bool {
 	id := r.ID()
 	dst, port := addrOf(id.LocalAddress), id.LocalPort
 	if port == 53 {
+		if !n.conns.acquire() {
+			return true // dropped; the guest retries
+		}
 		c, ok := n.udpEndpoint(r)
 		if !ok {
+			n.conns.release()
 			return true
 		}
 		if !n.goTracked(func() {
+			defer n.conns.release()
 			stop := n.closeOnDone(c)
 			defer stop()
 			n.dns.serveUDPFlow(c)
 		}) {
 			c.Close()
+			n.conns.release()
 		}
 		return true
 	}
