@@ -91,6 +91,7 @@ type server struct {
 	mu       sync.Mutex
 	streams  map[uint32]*stream
 	panicErr error // set when a goroutine of the agent panicked
+	closing  bool  // teardown started: streams that become ready now must end
 	wg       sync.WaitGroup
 }
 
@@ -179,9 +180,12 @@ func isShutdown(err error) bool {
 
 func (s *server) teardown() {
 	s.mu.Lock()
+	s.closing = true
 	for _, st := range s.streams {
-		st.kill(unix.SIGKILL, true)
-		st.abort()
+		if st.isReady() {
+			st.kill(unix.SIGKILL, true)
+			st.abort()
+		}
 	}
 	s.mu.Unlock()
 	s.wg.Wait()
@@ -322,6 +326,9 @@ func (s *server) dispatch(f agentproto.Frame) error {
 	st := s.lookup(f.ID)
 	if st == nil {
 		return nil // the stream ended; this frame crossed its Exit
+	}
+	if !st.isReady() {
+		return s.sendError(f.ID, agentproto.ErrorCodeProtocol, fmt.Sprintf("%v before the exec started", f.Type))
 	}
 	var err error
 	switch f.Type {

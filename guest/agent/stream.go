@@ -130,12 +130,24 @@ type stream struct {
 	tty    bool
 	credit *credit
 	stdinQ *byteQueue
+	// ready is closed once the process runs; the fields below except
+	// pid and exited are set before and not changed after.
+	ready chan struct{}
 
 	mu      sync.Mutex
 	pid     int
 	exited  bool
 	outputs []*os.File // stdout, stderr pipes; or the pty master
 	stdin   *os.File   // pipe write end, the pty master, or nil
+}
+
+func (st *stream) isReady() bool {
+	select {
+	case <-st.ready:
+		return true
+	default:
+		return false
+	}
 }
 
 func (st *stream) onStdin(b []byte) error {
@@ -186,9 +198,20 @@ func spawnErr(kind agentproto.SpawnKind, errno syscall.Errno, format string, arg
 }
 
 func (s *server) exec(id uint32, req *agentproto.ExecRequest) error {
+	if s.opts.allowExec != nil && !s.opts.allowExec(req) {
+		return s.sendPayload(agentproto.TypeSpawnError, id, spawnErr(agentproto.SpawnPermission, unix.EPERM, "exec refused"))
+	}
+	window := req.Window
+	if window == 0 {
+		window = agentproto.DefaultWindow
+	}
+	st := &stream{s: s, id: id, tty: req.TTY, ready: make(chan struct{}), credit: newCredit(window), stdinQ: newByteQueue(int(s.opts.Window))}
 	s.mu.Lock()
 	_, busy := s.streams[id]
 	n := len(s.streams)
+	if !busy && n < s.opts.MaxStreams {
+		s.streams[id] = st
+	}
 	s.mu.Unlock()
 	if busy {
 		return s.sendError(id, agentproto.ErrorCodeProtocol, "exec on a stream id that is in use")
@@ -196,19 +219,23 @@ func (s *server) exec(id uint32, req *agentproto.ExecRequest) error {
 	if n >= s.opts.MaxStreams {
 		return s.sendPayload(agentproto.TypeSpawnError, id, spawnErr(agentproto.SpawnOther, unix.EAGAIN, "too many concurrent execs (%d)", n))
 	}
-	if s.opts.allowExec != nil && !s.opts.allowExec(req) {
-		return s.sendPayload(agentproto.TypeSpawnError, id, spawnErr(agentproto.SpawnPermission, unix.EPERM, "exec refused"))
-	}
-	_, serr := s.start(id, req)
-	if serr != nil {
-		s.log.Debug("spawn failed", "id", id, "argv0", req.Argv[0], "kind", serr.Kind, "message", serr.Message)
-		return s.sendPayload(agentproto.TypeSpawnError, id, serr)
-	}
+	// Spawning can be slow (an executable on a lazily fetched image):
+	// do it off the read loop so the other streams keep flowing.
+	s.goSafe(func() {
+		if serr := s.start(st, req); serr != nil {
+			s.mu.Lock()
+			delete(s.streams, id)
+			s.mu.Unlock()
+			s.log.Debug("spawn failed", "id", id, "argv0", req.Argv[0], "kind", serr.Kind, "message", serr.Message)
+			_ = s.sendPayload(agentproto.TypeSpawnError, id, serr)
+		}
+	})
 	return nil
 }
 
 // start spawns the process and its goroutines, sending Started.
-func (s *server) start(id uint32, req *agentproto.ExecRequest) (*stream, *agentproto.SpawnError) {
+func (s *server) start(st *stream, req *agentproto.ExecRequest) *agentproto.SpawnError {
+	id := st.id
 	env := mergeEnv(s.env, req.Env)
 	if req.TTY {
 		if _, ok := lookupEnv(env, "TERM"); !ok {
@@ -220,21 +247,14 @@ func (s *server) start(id uint32, req *agentproto.ExecRequest) (*stream, *agentp
 		dir = "/"
 	}
 	if fi, err := os.Stat(dir); err != nil {
-		return nil, spawnErr(agentproto.SpawnBadDir, errnoOf(err), "working directory %s: %v", dir, err)
+		return spawnErr(agentproto.SpawnBadDir, errnoOf(err), "working directory %s: %v", dir, err)
 	} else if !fi.IsDir() {
-		return nil, spawnErr(agentproto.SpawnBadDir, unix.ENOTDIR, "working directory %s is not a directory", dir)
+		return spawnErr(agentproto.SpawnBadDir, unix.ENOTDIR, "working directory %s is not a directory", dir)
 	}
 	path, serr := resolveExec(req.Argv[0], dir, env)
 	if serr != nil {
-		return nil, serr
+		return serr
 	}
-
-	st := &stream{s: s, id: id, tty: req.TTY, stdinQ: newByteQueue(int(s.opts.Window))}
-	window := req.Window
-	if window == 0 {
-		window = agentproto.DefaultWindow
-	}
-	st.credit = newCredit(window)
 
 	var childFiles []*os.File
 	closeChild := func() {
@@ -265,7 +285,7 @@ func (s *server) start(id uint32, req *agentproto.ExecRequest) (*stream, *agentp
 	if req.TTY {
 		master, slave, err := openPTY()
 		if err != nil {
-			return nil, spawnErr(agentproto.SpawnOther, errnoOf(err), "pseudo-terminal: %v", err)
+			return spawnErr(agentproto.SpawnOther, errnoOf(err), "pseudo-terminal: %v", err)
 		}
 		setWinsize(master, req.Rows, req.Cols)
 		st.outputs = []*os.File{master}
@@ -280,13 +300,13 @@ func (s *server) start(id uint32, req *agentproto.ExecRequest) (*stream, *agentp
 		if req.Stdin {
 			r, w, err := os.Pipe()
 			if err != nil {
-				return nil, spawnErr(agentproto.SpawnOther, errnoOf(err), "stdin pipe: %v", err)
+				return spawnErr(agentproto.SpawnOther, errnoOf(err), "stdin pipe: %v", err)
 			}
 			in, st.stdin = r, w
 		} else {
 			f, err := os.Open(os.DevNull)
 			if err != nil {
-				return nil, spawnErr(agentproto.SpawnOther, errnoOf(err), "%s: %v", os.DevNull, err)
+				return spawnErr(agentproto.SpawnOther, errnoOf(err), "%s: %v", os.DevNull, err)
 			}
 			in = f
 		}
@@ -296,7 +316,7 @@ func (s *server) start(id uint32, req *agentproto.ExecRequest) (*stream, *agentp
 			if err != nil {
 				closeChild()
 				closeParent()
-				return nil, spawnErr(agentproto.SpawnOther, errnoOf(err), "output pipe: %v", err)
+				return spawnErr(agentproto.SpawnOther, errnoOf(err), "output pipe: %v", err)
 			}
 			st.outputs = append(st.outputs, r)
 			childFiles = append(childFiles, w)
@@ -316,17 +336,25 @@ func (s *server) start(id uint32, req *agentproto.ExecRequest) (*stream, *agentp
 		errno := errnoOf(err)
 		switch errno {
 		case unix.ENOENT:
-			return nil, spawnErr(agentproto.SpawnNotFound, errno, "%s: %v", req.Argv[0], err)
+			return spawnErr(agentproto.SpawnNotFound, errno, "%s: %v", req.Argv[0], err)
 		case unix.EACCES, unix.EPERM:
-			return nil, spawnErr(agentproto.SpawnPermission, errno, "%s: %v", req.Argv[0], err)
+			return spawnErr(agentproto.SpawnPermission, errno, "%s: %v", req.Argv[0], err)
 		}
-		return nil, spawnErr(agentproto.SpawnOther, errno, "%s: %v", req.Argv[0], err)
+		return spawnErr(agentproto.SpawnOther, errno, "%s: %v", req.Argv[0], err)
 	}
+	st.mu.Lock()
 	st.pid = pid
-
+	st.mu.Unlock()
+	// Publish the stream to the read loop. If Serve is tearing down, it
+	// did not see this stream as ready, so end the process here.
 	s.mu.Lock()
-	s.streams[id] = st
+	closing := s.closing
+	close(st.ready)
 	s.mu.Unlock()
+	if closing {
+		st.kill(unix.SIGKILL, true)
+		st.abort()
+	}
 	started := &agentproto.Started{PID: pid}
 	if st.stdin != nil {
 		started.Window = s.opts.Window
@@ -354,7 +382,7 @@ func (s *server) start(id uint32, req *agentproto.ExecRequest) (*stream, *agentp
 		close(stdinDone)
 	}
 	s.goSafe(func() { st.wait(status, &pumps, stdinDone) })
-	return st, nil
+	return nil
 }
 
 // pump moves one output file to the host within the stream's credit. It
