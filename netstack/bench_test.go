@@ -18,10 +18,20 @@ const benchChunk = 64 << 10
 // BenchmarkTCPGuestToHost measures bulk TCP from the guest stack through the
 // network to a sink on the host's loopback (via the host alias).
 func BenchmarkTCPGuestToHost(b *testing.B) {
-	for _, mtu := range []int{1500, DefaultMTU} {
-		b.Run("mtu="+strconv.Itoa(mtu), func(b *testing.B) {
+	for _, tc := range []struct {
+		mtu int
+		tso bool
+	}{{1500, false}, {1500, true}, {DefaultMTU, false}} {
+		name := "mtu=" + strconv.Itoa(tc.mtu)
+		if tc.tso {
+			name += "/tso"
+		}
+		b.Run(name, func(b *testing.B) {
 			sink := startEcho(b, "127.0.0.1:0", true)
-			n, g := newTestNetwork(b, Config{MTU: mtu, Rules: mustRules(b, "allow@host")})
+			n, g := newTestNetwork(b, Config{MTU: tc.mtu, Rules: mustRules(b, "allow@host")})
+			if tc.tso {
+				g.useGuestTSO()
+			}
 			c, err := g.dialTCP(netip.AddrPortFrom(n.Guest().GatewayIPv4, sink.port()))
 			if err != nil {
 				b.Fatal(err)
@@ -47,9 +57,19 @@ func BenchmarkTCPGuestToHost(b *testing.B) {
 // BenchmarkTCPHostToGuest measures bulk TCP from a host client through a
 // published port to a sink in the guest stack.
 func BenchmarkTCPHostToGuest(b *testing.B) {
-	for _, mtu := range []int{1500, DefaultMTU} {
-		b.Run("mtu="+strconv.Itoa(mtu), func(b *testing.B) {
-			n, g := newTestNetwork(b, Config{MTU: mtu})
+	for _, tc := range []struct {
+		mtu int
+		gso bool
+	}{{1500, false}, {1500, true}, {DefaultMTU, false}} {
+		name := "mtu=" + strconv.Itoa(tc.mtu)
+		if tc.gso {
+			name += "/gso"
+		}
+		b.Run(name, func(b *testing.B) {
+			n, g := newTestNetwork(b, Config{MTU: tc.mtu})
+			if tc.gso {
+				g.enableGSO()
+			}
 			ln, err := gonet.ListenTCP(g.s, fullAddr(netip.AddrPortFrom(n.Guest().IPv4.Addr(), 7000)), ipv4.ProtocolNumber)
 			if err != nil {
 				b.Fatal(err)

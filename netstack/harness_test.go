@@ -34,7 +34,7 @@ type testGuest struct {
 	cfg   GuestConfig
 	s     *stack.Stack
 	ep    *linkEndpoint
-	toNet chan []byte
+	toNet chan guestFrame
 	toGst chan []byte
 	done  chan struct{}
 	wg    sync.WaitGroup
@@ -43,7 +43,21 @@ type testGuest struct {
 	// and UDP checksums are replaced by the pseudo-header sum and completed
 	// by DeliverFrameOffload.
 	offload atomic.Bool
+	// oversized counts guest→network frames above the MTU (guest TSO).
+	oversized atomic.Int64
 }
+
+// guestFrame is a frame the guest sends, with offload metadata when the
+// guest stack uses segmentation offload (useGuestTSO).
+type guestFrame struct {
+	b []byte
+	o *Offload
+}
+
+// useGuestTSO makes the guest stack send large TCP segments with partial
+// checksums, as a Linux guest does with VIRTIO_NET_F_HOST_TSO4/6, for
+// connections opened from then on.
+func (g *testGuest) useGuestTSO() { g.ep.hostGSO.Store(true) }
 
 // newTestNetwork starts a Network and a guest stack attached to it. Both are
 // closed by t.Cleanup.
@@ -70,7 +84,7 @@ func newTestNetwork(t testing.TB, cfg Config) (*Network, *testGuest) {
 func attachGuest(t testing.TB, n *Network) *testGuest {
 	g := &testGuest{
 		t: t, n: n, cfg: n.Guest(),
-		toNet: make(chan []byte, 4096),
+		toNet: make(chan guestFrame, 4096),
 		toGst: make(chan []byte, 4096),
 		done:  make(chan struct{}),
 	}
@@ -82,9 +96,14 @@ func attachGuest(t testing.TB, n *Network) *testGuest {
 			return errors.New("guest ring full")
 		}
 	}))
-	g.ep = newLinkEndpoint(uint32(g.cfg.MTU), tcpip.LinkAddress(g.cfg.MAC), func(f []byte) bool {
+	g.ep = newLinkEndpoint(uint32(g.cfg.MTU), tcpip.LinkAddress(g.cfg.MAC), func(f []byte, o *Offload) bool {
+		fr := guestFrame{b: append([]byte(nil), f...)}
+		if o != nil {
+			oc := *o
+			fr.o = &oc
+		}
 		select {
-		case g.toNet <- append([]byte(nil), f...):
+		case g.toNet <- fr:
 			return true
 		default:
 			return false
@@ -124,13 +143,22 @@ func attachGuest(t testing.TB, n *Network) *testGuest {
 		defer g.wg.Done()
 		for {
 			select {
-			case f := <-g.toNet:
-				if !g.offload.Load() {
+			case fr := <-g.toNet:
+				f := fr.b
+				switch {
+				case fr.o != nil:
+					if len(f) > g.cfg.MTU+header.EthernetMinimumSize {
+						g.oversized.Add(1)
+					}
+					n.DeliverFrameOffload(f, *fr.o)
+				case !g.offload.Load():
 					n.DeliverFrame(f)
-				} else if o, ok := partialChecksum(f); ok {
-					n.DeliverFrameOffload(f, o)
-				} else {
-					n.DeliverFrame(f)
+				default:
+					if o, ok := partialChecksum(f); ok {
+						n.DeliverFrameOffload(f, o)
+					} else {
+						n.DeliverFrame(f)
+					}
 				}
 			case <-g.done:
 				return
@@ -511,4 +539,49 @@ func partialChecksum(f []byte) (Offload, bool) {
 	}
 	binary.BigEndian.PutUint16(f[start+off:], header.PseudoHeaderChecksum(proto, src, dst, uint16(l4len)))
 	return Offload{NeedsChecksum: true, ChecksumStart: uint16(start), ChecksumOffset: uint16(off)}, true
+}
+
+// gsoWriter is the test guest's device with host→guest offload negotiated:
+// it completes checksums and hands large segments to the guest stack whole,
+// as a guest with VIRTIO_NET_F_GUEST_TSO4/6 takes them.
+type gsoWriter struct {
+	g         *testGuest
+	mtu       int
+	oversized atomic.Int64
+	offloaded atomic.Int64
+}
+
+func (w *gsoWriter) WriteFrame(f []byte) error { return w.queue(append([]byte(nil), f...)) }
+
+func (w *gsoWriter) WriteFrameOffload(f []byte, o Offload) error {
+	c := append([]byte(nil), f...)
+	w.offloaded.Add(1)
+	if o.NeedsChecksum {
+		if err := completeChecksum(c, int(o.ChecksumStart), int(o.ChecksumOffset)); err != nil {
+			return err
+		}
+	}
+	if len(c) > w.mtu+header.EthernetMinimumSize {
+		if !o.Segmented || o.SegmentSize == 0 {
+			return fmt.Errorf("oversized frame without GSO metadata: %+v", o)
+		}
+		w.oversized.Add(1)
+	}
+	return w.queue(c)
+}
+
+func (w *gsoWriter) queue(f []byte) error {
+	select {
+	case w.g.toGst <- f:
+		return nil
+	default:
+		return errors.New("guest ring full")
+	}
+}
+
+// enableGSO switches the network's output to a GSO-capable writer.
+func (g *testGuest) enableGSO() *gsoWriter {
+	w := &gsoWriter{g: g, mtu: g.cfg.MTU}
+	g.n.SetOutput(w)
+	return w
 }

@@ -114,7 +114,7 @@ func (n *Network) sendEchoReply(src netip.Addr, id, seq uint16, data []byte) {
 		copy(ic.Payload(), data)
 		ic.SetChecksum(0)
 		ic.SetChecksum(^checksum.Checksum(ic, 0))
-		n.output(frame)
+		n.output(frame, nil)
 		return
 	}
 	ipLen := header.IPv6MinimumSize + header.ICMPv6EchoMinimumSize + len(data)
@@ -136,5 +136,5 @@ func (n *Network) sendEchoReply(src netip.Addr, id, seq uint16, data []byte) {
 	copy(ic.MessageBody()[4:], data)
 	ic.SetChecksum(0)
 	ic.SetChecksum(header.ICMPv6Checksum(header.ICMPv6ChecksumParams{Header: ic, Src: srcA, Dst: dstA}))
-	n.output(frame)
+	n.output(frame, nil)
 }

@@ -23,6 +23,19 @@ type FrameWriter interface {
 	WriteFrame(frame []byte) error
 }
 
+// GSOFrameWriter is a FrameWriter that also takes frames with offload
+// metadata: TCP segments up to a 64 KiB IP packet whose checksum holds only
+// the pseudo-header sum. A virtio-net device implements it when the guest
+// negotiated VIRTIO_NET_F_GUEST_CSUM and VIRTIO_NET_F_GUEST_TSO4/6, and writes
+// o into the frame's virtio_net_hdr (NEEDS_CSUM, csum_start, csum_offset;
+// gso_type TCPV4/TCPV6 by EtherType and gso_size = o.SegmentSize when
+// o.Segmented). SetOutput with a GSOFrameWriter turns host→guest segmentation
+// offload on for connections opened from then on.
+type GSOFrameWriter interface {
+	FrameWriter
+	WriteFrameOffload(frame []byte, o Offload) error
+}
+
 // FrameWriterFunc adapts a function to FrameWriter.
 type FrameWriterFunc func(frame []byte) error
 
@@ -48,8 +61,12 @@ type linkEndpoint struct {
 	mtu atomic.Uint32
 	mac tcpip.LinkAddress
 
-	// output writes one frame; it returns false when the frame was dropped.
-	output func(frame []byte) bool
+	// output writes one frame, with offload metadata if o is not nil; it
+	// returns false when the frame was dropped.
+	output func(frame []byte, o *Offload) bool
+	// hostGSO selects host segmentation offload (the writer takes large
+	// segments) over gVisor's own batching.
+	hostGSO atomic.Bool
 
 	bufs sync.Pool // *[]byte of MTU+header capacity
 
@@ -60,9 +77,16 @@ type linkEndpoint struct {
 	onClose func()
 }
 
-var _ stack.LinkEndpoint = (*linkEndpoint)(nil)
+var (
+	_ stack.LinkEndpoint = (*linkEndpoint)(nil)
+	_ stack.GSOEndpoint  = (*linkEndpoint)(nil)
+)
 
-func newLinkEndpoint(mtu uint32, mac tcpip.LinkAddress, output func([]byte) bool) *linkEndpoint {
+// hostGSOMaxSize keeps a segment plus its TCP and IP headers within the
+// 65535 bytes of an IP packet.
+const hostGSOMaxSize = 65000
+
+func newLinkEndpoint(mtu uint32, mac tcpip.LinkAddress, output func([]byte, *Offload) bool) *linkEndpoint {
 	e := &linkEndpoint{mac: mac, output: output}
 	e.mtu.Store(mtu)
 	e.bufs.New = func() any {
@@ -152,6 +176,24 @@ func (e *linkEndpoint) SetOnCloseAction(f func()) {
 	e.mu.Unlock()
 }
 
+// GSOMaxSize implements stack.GSOEndpoint.GSOMaxSize.
+func (e *linkEndpoint) GSOMaxSize() uint32 {
+	if e.hostGSO.Load() {
+		return hostGSOMaxSize
+	}
+	return stack.GVisorGSOMaxSize
+}
+
+// SupportedGSO implements stack.GSOEndpoint.SupportedGSO. Without a
+// GSOFrameWriter the stack still builds large segments internally and splits
+// them into MTU-sized packets in one batch (gVisor GSO).
+func (e *linkEndpoint) SupportedGSO() stack.SupportedGSO {
+	if e.hostGSO.Load() {
+		return stack.HostGSOSupported
+	}
+	return stack.GVisorGSOSupported
+}
+
 // WritePackets implements stack.LinkWriter.WritePackets.
 func (e *linkEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
 	n := 0
@@ -161,7 +203,17 @@ func (e *linkEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Err
 		for _, s := range pkt.AsSlices() {
 			frame = append(frame, s...)
 		}
-		e.output(frame)
+		var o *Offload
+		if g := pkt.GSOOptions; g.Type == stack.GSOTCPv4 || g.Type == stack.GSOTCPv6 {
+			o = &Offload{
+				NeedsChecksum:  g.NeedsCsum,
+				ChecksumStart:  header.EthernetMinimumSize + g.L3HdrLen,
+				ChecksumOffset: g.CsumOffset,
+				Segmented:      pkt.Data().Size() > int(g.MSS),
+				SegmentSize:    g.MSS,
+			}
+		}
+		e.output(frame, o)
 		*bp = frame[:0]
 		e.bufs.Put(bp)
 		n++

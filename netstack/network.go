@@ -215,7 +215,10 @@ type Network struct {
 	}
 }
 
-type writerBox struct{ w FrameWriter }
+type writerBox struct {
+	w   FrameWriter
+	gso GSOFrameWriter // w, if it takes offload metadata
+}
 
 const copyBufSize = 64 << 10
 
@@ -293,9 +296,6 @@ func New(cfg Config) (*Network, error) {
 	n.egressPkts = newBucket(cfg.Limits.EgressPackets, n.clock)
 	n.ingressPkts = newBucket(cfg.Limits.IngressPackets, n.clock)
 	n.bufs.New = func() any { b := make([]byte, copyBufSize); return &b }
-	if cfg.Output != nil {
-		n.out.Store(&writerBox{cfg.Output})
-	}
 
 	n.gw4, n.g4 = nthAddr(lease.IPv4, 1), nthAddr(lease.IPv4, 2)
 	if !cfg.DisableIPv6 && lease.IPv6.IsValid() {
@@ -331,6 +331,9 @@ func New(cfg Config) (*Network, error) {
 		n.cancel()
 		lease.Release()
 		return nil, err
+	}
+	if cfg.Output != nil {
+		n.SetOutput(cfg.Output)
 	}
 	n.dns = &dnsServer{n: n, servers: servers, timeout: cmpOr(cfg.DNS.QueryTimeout, DefaultDNSTimeout), rebind: !cfg.DNS.DisableRebindProtection}
 	if err := n.dns.start(); err != nil {
@@ -451,13 +454,19 @@ func (n *Network) Guest() GuestConfig {
 	return g
 }
 
-// SetOutput sets (or replaces) the writer of host→guest frames.
+// SetOutput sets (or replaces) the writer of host→guest frames. If w is a
+// GSOFrameWriter, connections opened from then on send large TCP segments
+// with offload metadata to it.
 func (n *Network) SetOutput(w FrameWriter) {
 	if w == nil {
+		n.ep.hostGSO.Store(false)
 		n.out.Store(nil)
 		return
 	}
-	n.out.Store(&writerBox{w})
+	box := &writerBox{w: w}
+	box.gso, _ = w.(GSOFrameWriter)
+	n.out.Store(box)
+	n.ep.hostGSO.Store(box.gso != nil)
 }
 
 // Ports returns the ports currently published (from Config.Ports and
@@ -487,13 +496,32 @@ func (n *Network) Stats() Stats {
 }
 
 // output sends one host→guest frame; it reports whether it was sent.
-func (n *Network) output(frame []byte) bool {
+func (n *Network) output(frame []byte, o *Offload) bool {
 	box := n.out.Load()
 	if box == nil || !n.ingressPkts.tryTake(1) {
 		n.stats.framesDropped.Add(1)
 		return false
 	}
-	if err := box.w.WriteFrame(frame); err != nil {
+	var err error
+	switch {
+	case o == nil:
+		err = box.w.WriteFrame(frame)
+	case box.gso != nil:
+		err = box.gso.WriteFrameOffload(frame, *o)
+	default:
+		// The writer changed under a connection that uses offload: finish
+		// the checksum here; a segment over the MTU cannot be sent.
+		if len(frame) > n.mtu+header.EthernetMinimumSize {
+			err = ErrNoOutput
+		} else if o.NeedsChecksum {
+			if err = completeChecksum(frame, int(o.ChecksumStart), int(o.ChecksumOffset)); err == nil {
+				err = box.w.WriteFrame(frame)
+			}
+		} else {
+			err = box.w.WriteFrame(frame)
+		}
+	}
+	if err != nil {
 		n.stats.framesDropped.Add(1)
 		return false
 	}

@@ -22,6 +22,9 @@ type Offload struct {
 	// large TCP segment (up to a 64 KiB IP packet) and may exceed the MTU.
 	// The stack takes it as is; there is no need to split it.
 	Segmented bool
+	// SegmentSize is gso_size, the MSS to cut a Segmented frame into. Only
+	// set on host→guest frames (GSOFrameWriter).
+	SegmentSize uint16
 }
 
 // DeliverFrameOffload is DeliverFrame for frames with offload metadata. The
