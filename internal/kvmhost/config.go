@@ -47,8 +47,9 @@ type Config struct {
 	MemoryMiB int
 	// CPUs is the outer VM's vCPU count. Zero means DefaultCPUs.
 	CPUs int
-	// Timeout bounds the whole run (boot, program, power-off) in addition
-	// to ctx. Zero means no bound other than ctx.
+	// Timeout bounds the outer VM's run (boot, program, power-off: QEMU
+	// start to exit) in addition to ctx. Zero means no bound other than
+	// ctx. Waiting for a free slot (see Slots) is bounded by ctx only.
 	Timeout time.Duration
 
 	// CacheDir is a host directory shared read-write into the outer VM at

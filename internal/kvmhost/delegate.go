@@ -39,8 +39,11 @@ func WithCPUs(n int) Option {
 	return WithConfig(func(c *Config) { c.CPUs = n })
 }
 
-// WithTimeout bounds the outer VM run. By default the bound is the test's
-// deadline (go test -timeout) less a minute, or none.
+// WithTimeout bounds the outer VM run (QEMU start to exit). Without it
+// only the test's deadline (go test -timeout, less 30 s) bounds the run,
+// which also covers waiting for a free outer VM slot. The inner test binary
+// gets a -test.timeout a minute shorter, so that it times out first, with
+// its goroutine dump.
 func WithTimeout(d time.Duration) Option {
 	return func(o *delegateOptions) { o.timeout = d }
 }
@@ -123,27 +126,34 @@ func Delegate(t testing.TB, opts ...Option) bool {
 		Stderr:  lw,
 		Logger:  slog.New(slog.NewTextHandler(logw, &slog.HandlerOptions{Level: slog.LevelInfo})),
 	}
+	// The test's deadline bounds everything (waiting for a slot included);
+	// WithTimeout bounds the outer VM run itself.
+	ctx := context.Background()
+	innerTimeout := time.Duration(0)
 	if tt, ok := t.(interface{ Deadline() (time.Time, bool) }); ok {
 		if dl, ok := tt.Deadline(); ok {
-			cfg.Timeout = time.Until(dl) - time.Minute
-			if cfg.Timeout < time.Minute {
-				cfg.Timeout = time.Until(dl) * 9 / 10
-			}
+			var cancel context.CancelFunc
+			ctx, cancel = context.WithDeadline(ctx, dl.Add(-30*time.Second))
+			defer cancel()
+			innerTimeout = time.Until(dl) - 90*time.Second
 		}
 	}
 	if o.timeout > 0 {
 		cfg.Timeout = o.timeout
+		if innerTimeout == 0 || o.timeout-time.Minute < innerTimeout {
+			innerTimeout = o.timeout - time.Minute
+		}
 	}
 	for _, f := range o.cfg {
 		f(&cfg)
 	}
-	if cfg.Timeout > 2*time.Minute && !slicesHasPrefix(cfg.Args, "-test.timeout") {
+	if innerTimeout >= time.Minute && !slicesHasPrefix(cfg.Args, "-test.timeout") {
 		// Let the inner test binary time out first, with its goroutine
 		// dump, before the outer VM is killed.
-		cfg.Args = append(cfg.Args, "-test.timeout="+(cfg.Timeout-time.Minute).Round(time.Second).String())
+		cfg.Args = append(cfg.Args, "-test.timeout="+innerTimeout.Round(time.Second).String())
 	}
 	t.Logf("kvmhost: mode=%s: running %s in the outer VM: %s %s", mode, t.Name(), exe, strings.Join(cfg.Args, " "))
-	res, err := RunResult(context.Background(), cfg)
+	res, err := RunResult(ctx, cfg)
 	lw.flush()
 	logw.flush()
 	if err != nil {

@@ -100,11 +100,6 @@ func RunResult(ctx context.Context, cfg Config) (Result, error) {
 
 	image := bootImage(ctx, log, k)
 	args := qemuArgs(&c, image, initrd, work, shareTags)
-	if c.Timeout > 0 {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, c.Timeout)
-		defer cancel()
-	}
 	waitStart := time.Now()
 	slot, err := acquireSlot(ctx, filepath.Join(c.AssetDir, "slots"), c.Slots, func() {
 		log.Info("kvmhost: waiting for a free outer VM slot", "slots", c.Slots, "env", EnvSlots)
@@ -161,6 +156,11 @@ func qemuArgs(c *Config, kernelImage, initrd, work string, shareTags map[string]
 // waits for QEMU to end (or kills it on timeout) and reads the status.
 func runQEMU(ctx context.Context, c *Config, qemu string, args []string, work string) (Result, error) {
 	var res Result
+	if c.Timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, c.Timeout)
+		defer cancel()
+	}
 	con := &consoleBuf{extra: c.Console}
 	cmd := exec.Command(qemu, args...)
 	cmd.Stdin = nil
