@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"slices"
 	"strconv"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -225,4 +226,67 @@ func TestParseResolvConf(t *testing.T) {
 	if !slices.Equal(got, want) {
 		t.Errorf("parseResolvConf = %v, want %v", got, want)
 	}
+}
+
+func TestDNSFailoverAndTimeout(t *testing.T) {
+	res := startResolver(t, testZone)
+	// A resolver that reads queries and never answers.
+	silent, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer silent.Close()
+	var silentGot atomic.Int64
+	go func() {
+		buf := make([]byte, 4096)
+		for {
+			if _, _, err := silent.ReadFrom(buf); err != nil {
+				return
+			}
+			silentGot.Add(1)
+		}
+	}()
+	// A closed port: the kernel refuses at once.
+	closed, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	closedAddr := closed.LocalAddr().(*net.UDPAddr).AddrPort()
+	closed.Close()
+	silentAddr := silent.LocalAddr().(*net.UDPAddr).AddrPort()
+
+	t.Run("failover", func(t *testing.T) {
+		_, g := newTestNetwork(t, Config{DNS: DNSConfig{
+			Servers:      []netip.AddrPort{closedAddr, silentAddr, res.addr},
+			QueryTimeout: 200 * time.Millisecond,
+		}})
+		got, err := g.lookup("other.test")
+		if err != nil || !slices.Equal(got, testZone["other.test."]) {
+			t.Fatalf("lookup through failover = %v, %v", got, err)
+		}
+		if silentGot.Load() == 0 {
+			t.Error("the silent resolver was never tried")
+		}
+	})
+	t.Run("timeout gives SERVFAIL", func(t *testing.T) {
+		n, g := newTestNetwork(t, Config{DNS: DNSConfig{Servers: []netip.AddrPort{silentAddr}, QueryTimeout: 100 * time.Millisecond}})
+		c, err := g.dialUDP(netip.AddrPortFrom(n.Guest().GatewayIPv4, 53))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := c.Write(buildQuery(t, "svc.test.", dnsmessage.TypeA)); err != nil {
+			t.Fatal(err)
+		}
+		buf := make([]byte, 4096)
+		nr, err := c.Read(buf)
+		if err != nil {
+			t.Fatalf("no answer after the upstream timed out: %v", err)
+		}
+		var m dnsmessage.Message
+		if err := m.Unpack(buf[:nr]); err != nil || m.RCode != dnsmessage.RCodeServerFailure || m.ID != 4242 {
+			t.Errorf("answer rcode %v id %d (%v), want SERVFAIL for id 4242", m.RCode, m.ID, err)
+		}
+	})
 }
