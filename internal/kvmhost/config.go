@@ -73,7 +73,9 @@ type Config struct {
 	AssetDir string
 	// Slots is how many outer VMs may run at once on this machine, counted
 	// across processes through lock files; Run waits for a free one. Zero
-	// means $GOSANDBOX_KVMHOST_SLOTS, else one per two CPUs (at least one).
+	// means $GOSANDBOX_KVMHOST_SLOTS, else one per CPU: as many as go test
+	// runs test binaries at once by default (-p), so that no test waits
+	// behind another package's long one.
 	Slots int
 	// Logger receives progress (what was installed, boot time). Nil means
 	// silent.
@@ -181,7 +183,7 @@ func (c Config) withDefaults() (Config, error) {
 		if v, err := strconv.Atoi(os.Getenv(EnvSlots)); err == nil && v > 0 {
 			c.Slots = v
 		} else {
-			c.Slots = max(1, runtime.NumCPU()/2)
+			c.Slots = max(1, runtime.NumCPU())
 		}
 	}
 	if c.Slots < 0 {

@@ -45,9 +45,11 @@
 //		}
 //	}
 //
-// Outer VMs are CPU-bound, so at most one per two CPUs runs at a time on a
-// machine (GOSANDBOX_KVMHOST_SLOTS overrides); further Run calls, from any
-// process, wait for a slot.
+// Outer VMs are CPU-bound, so at most one per CPU runs at a time on a
+// machine (GOSANDBOX_KVMHOST_SLOTS overrides), which is as many test
+// binaries as go test runs at once by default; further Run calls, from any
+// process, wait for a slot (bounded by ctx, or by the test's deadline under
+// Delegate).
 //
 // Run runs any host program inside the outer VM and returns its exit code;
 // cmd/kvmhost-run is a command-line front end to it.

@@ -100,13 +100,13 @@ func writeFileAtomic(path string, data []byte, perm os.FileMode) error {
 }
 
 // EnvSlots overrides how many outer VMs may run at once on this machine
-// (across processes); the default is one per two CPUs, at least one.
+// (across processes); the default is one per CPU.
 const EnvSlots = "GOSANDBOX_KVMHOST_SLOTS"
 
 // acquireSlot takes one of n machine-wide outer VM slots (lock files under
-// dir), waiting until one is free or ctx ends. TCG VMs are CPU-bound: more
-// of them than cores/2 only slow each other down, and inner tests with
-// timeouts then fail for no reason of their own.
+// dir), waiting until one is free or ctx ends. TCG VMs are CPU-bound:
+// many more of them than cores only slow each other down, and inner tests
+// with timeouts then fail for no reason of their own.
 func acquireSlot(ctx context.Context, dir string, n int, waiting func()) (*fileLock, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, err
