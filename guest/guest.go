@@ -52,6 +52,7 @@ const (
 	BootMarkerPort        = 0x440
 	BootMarkerInitStarted = 1 // first thing /init does
 	BootMarkerAgentReady  = 2 // the agent port is open and the agent starts serving
+	BootMarkerPoweroff    = 3 // the guest powers off (then resets: there is no ACPI)
 )
 
 // KernelCmdline returns the kernel command line parameters the guest needs

@@ -22,6 +22,7 @@ const (
 	markerPort        = 0x440
 	markerInitStarted = 1
 	markerAgentReady  = 2
+	markerPoweroff    = 3
 )
 
 // marker writes one byte to the boot-marker I/O port through /dev/port;
@@ -151,11 +152,20 @@ func setup(cfg agentproto.Config) []string {
 	return warnings
 }
 
+// powerOff ends the guest. The VMM gives the guest no ACPI, so a real
+// power-off would only halt the CPUs where the host cannot see it: in a VM
+// the init writes markerPoweroff to the marker port and resets instead
+// (the kernel's reboot=k pulls the i8042 reset line, which ends the VM; the
+// marker makes the VMM report a power-off, not a reboot). In the test
+// namespaces (testAgentFD) a power-off ends the PID namespace, as before.
 func powerOff(log *slog.Logger, reboot bool) {
 	_ = unix.Kill(-1, unix.SIGKILL)
 	unix.Sync()
 	cmd := unix.LINUX_REBOOT_CMD_POWER_OFF
 	if reboot {
+		cmd = unix.LINUX_REBOOT_CMD_RESTART
+	} else if os.Getenv(testAgentFD) == "" {
+		marker(markerPoweroff)
 		cmd = unix.LINUX_REBOOT_CMD_RESTART
 	}
 	err := unix.Reboot(cmd)
