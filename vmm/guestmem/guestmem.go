@@ -266,8 +266,10 @@ func (m *Memory) PutUint64(gpa uint64, v uint64) error {
 // f from offset off: the guest reads the file's pages from the host page
 // cache (shared by every VM that maps the same file) and its writes stay its
 // own. gpa, off and n must be multiples of PageSize and the range must lie
-// in one region. Where the file system cannot map the file, MapFile copies
-// the bytes instead. Call it before the guest runs.
+// in one region. Where the file system cannot map the file, or is a network
+// or FUSE file system (whose pages may be re-read from a server, so a file
+// changed there would change the guest's kernel under it), MapFile copies the
+// bytes instead. Call it before the guest runs.
 func (m *Memory) MapFile(gpa uint64, f *os.File, off int64, n uint64) error {
 	if gpa%PageSize != 0 || uint64(off)%PageSize != 0 || n%PageSize != 0 || n == 0 || off < 0 {
 		return fmt.Errorf("guestmem: MapFile(%#x, off %#x, %#x): not page-aligned", gpa, off, n)
@@ -276,7 +278,7 @@ func (m *Memory) MapFile(gpa uint64, f *os.File, off int64, n uint64) error {
 	if err != nil {
 		return err
 	}
-	if mapFileFixed(b, f.Fd(), off) == nil {
+	if localFile(f) && mapFileFixed(b, f.Fd(), off) == nil {
 		return nil
 	}
 	if k, err := f.ReadAt(b, off); uint64(k) != n {
