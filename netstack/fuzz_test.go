@@ -119,14 +119,22 @@ func FuzzDNSResponse(f *testing.F) {
 func FuzzDeliverFrame(f *testing.F) {
 	n := fuzzNetwork(f)
 	g := n.Guest()
-	f.Add(uint16(header.ARPProtocolNumber), arpRequest(n, n.g4, n.gw4)[header.EthernetMinimumSize:])
-	f.Add(uint16(header.IPv6ProtocolNumber), neighborSolicit(n, n.g6, n.gw6, false)[header.EthernetMinimumSize:])
-	f.Add(uint16(header.IPv4ProtocolNumber), echoRequestV4(n, netip.MustParseAddr("10.1.1.1"), 1, 1, []byte("x"))[header.EthernetMinimumSize:])
-	f.Add(uint16(header.IPv4ProtocolNumber), echoRequestV4(n, n.gw4, 1, 1, []byte("x"))[header.EthernetMinimumSize:])
-	f.Add(uint16(0x8100), []byte{1, 2, 3})
-	f.Fuzz(func(t *testing.T, typ uint16, payload []byte) {
+	eth := header.EthernetMinimumSize
+	f.Add(uint16(header.ARPProtocolNumber), arpRequest(n, n.g4, n.gw4)[eth:], false, uint16(0), uint16(0), false)
+	f.Add(uint16(header.IPv6ProtocolNumber), neighborSolicit(n, n.g6, n.gw6, false)[eth:], false, uint16(0), uint16(0), false)
+	f.Add(uint16(header.IPv4ProtocolNumber), echoRequestV4(n, netip.MustParseAddr("10.1.1.1"), 1, 1, []byte("x"))[eth:], false, uint16(0), uint16(0), false)
+	f.Add(uint16(header.IPv4ProtocolNumber), echoRequestV4(n, n.gw4, 1, 1, []byte("x"))[eth:], true, uint16(34), uint16(2), false)
+	f.Add(uint16(header.IPv4ProtocolNumber), echoRequestV4(n, n.gw4, 1, 1, make([]byte, 3000))[eth:], false, uint16(0), uint16(0), true)
+	f.Add(uint16(0x8100), []byte{1, 2, 3}, true, uint16(65535), uint16(65535), true)
+	f.Fuzz(func(t *testing.T, typ uint16, payload []byte, needsCsum bool, start, off uint16, segmented bool) {
 		frame := ethFrame(tcpip.LinkAddress(g.MAC), n.gwMAC, tcpip.NetworkProtocolNumber(typ), payload)
-		if err := n.DeliverFrame(frame); err != nil && !errors.Is(err, ErrFrameInvalid) {
+		var err error
+		if needsCsum || segmented {
+			err = n.DeliverFrameOffload(frame, Offload{NeedsChecksum: needsCsum, ChecksumStart: start, ChecksumOffset: off, Segmented: segmented})
+		} else {
+			err = n.DeliverFrame(frame)
+		}
+		if err != nil && !errors.Is(err, ErrFrameInvalid) {
 			t.Fatalf("DeliverFrame = %v", err)
 		}
 	})
