@@ -4,6 +4,8 @@ import (
 	"context"
 	"testing"
 	"time"
+
+	"github.com/gosandbox/sandbox/internal/leakcheck"
 )
 
 // kickGuest writes 1 to MMIO 0x30000000 (an ioevent) and then to port
@@ -89,7 +91,8 @@ func TestMSIRoutesAreReleased(t *testing.T) {
 	requireKVM(t)
 	vm, _ := newTestVM(t, 1, nil)
 	defer vm.Close()
-	before := countResources(t).fds
+	before0, _ := leakcheck.Take()
+	before := before0.FDs
 	for i := 0; i < 50; i++ {
 		irq, err := vm.MSI(0xfee00000, uint32(0x30+i%16))
 		if err != nil {
@@ -105,7 +108,8 @@ func TestMSIRoutesAreReleased(t *testing.T) {
 			t.Fatal("Trigger after Close succeeded")
 		}
 	}
-	if after := countResources(t).fds; after != before {
+	if after0, _ := leakcheck.Take(); after0.FDs != before {
+		after := after0.FDs
 		t.Errorf("fds %d before, %d after 50 MSIs", before, after)
 	}
 	vm.mu.Lock()

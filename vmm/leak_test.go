@@ -1,62 +1,15 @@
 package vmm
 
 import (
-	"bufio"
 	"context"
 	"fmt"
 	"os"
-	"runtime"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/gosandbox/sandbox/internal/leakcheck"
 )
-
-// resources counts what a VM could leak: open fds, OS threads, memory
-// mappings and goroutines.
-type resources struct{ fds, threads, maps, goroutines int }
-
-func countResources(t testing.TB) resources {
-	t.Helper()
-	var r resources
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	r.fds = len(ents)
-	f, err := os.Open("/proc/self/status")
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := bufio.NewScanner(f)
-	for s.Scan() {
-		if v, ok := strings.CutPrefix(s.Text(), "Threads:"); ok {
-			r.threads, _ = strconv.Atoi(strings.TrimSpace(v))
-		}
-	}
-	f.Close()
-	m, err := os.ReadFile("/proc/self/maps")
-	if err != nil {
-		t.Fatal(err)
-	}
-	r.maps = strings.Count(string(m), "\n")
-	r.goroutines = runtime.NumGoroutine()
-	return r
-}
-
-// settle waits for exiting goroutines and threads to be gone.
-func settle(t testing.TB, want resources) resources {
-	var r resources
-	for i := 0; i < 100; i++ {
-		runtime.GC()
-		r = countResources(t)
-		if r.goroutines <= want.goroutines && r.threads <= want.threads && r.fds <= want.fds && r.maps <= want.maps {
-			return r
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	return r
-}
 
 // runOneVM runs and closes a VM and returns the host ranges its guest
 // memory occupied ("start-end" as /proc/self/maps prints them).
@@ -99,26 +52,29 @@ func TestCloseLeavesNothingBehind(t *testing.T) {
 	for i := 0; i < 5; i++ {
 		runOneVM(t, 2)
 	}
-	before := settle(t, resources{})
-	before = countResources(t)
+	before, err := leakcheck.Settle(leakcheck.Counts{}, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
 	const n = 100
 	var guestRanges []string
 	for i := 0; i < n; i++ {
 		guestRanges = append(guestRanges, runOneVM(t, 2)...)
 	}
-	after := settle(t, before)
-	t.Logf("before %d VMs: %+v; after: %+v", n, before, after)
-	if after.fds != before.fds {
-		t.Errorf("fds: %d before, %d after %d VMs", before.fds, after.fds, n)
-	}
 	// The Go runtime may start an idle worker thread (with its stack
-	// mapping) while vCPU threads block in KVM_RUN; it keeps at most a few.
-	// A per-VM leak would show up n times over.
-	// Heap growth moves the count a little either way; the guest memory
-	// of every VM is checked exactly below.
-	const runtimeSlack = 2
-	if after.maps > before.maps+4*runtimeSlack {
-		t.Errorf("mappings: %d before, %d after %d VMs", before.maps, after.maps, n)
+	// mapping) while vCPU threads block in KVM_RUN, and heap growth moves
+	// the mapping count a little; a per-VM leak would show up n times over,
+	// and every VM's guest memory is checked exactly below.
+	want := before
+	want.Threads += 2
+	want.Maps += 8
+	after, err := leakcheck.Settle(want, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("before %d VMs: %v; after: %v", n, before, after)
+	if after.FDs != before.FDs || after.Goroutines > before.Goroutines || after.Threads > want.Threads || after.Maps > want.Maps {
+		t.Errorf("leak after %d VMs: before %v, after %v", n, before, after)
 	}
 	m, _ := os.ReadFile("/proc/self/maps")
 	if strings.Contains(string(m), "kvm") {
@@ -128,11 +84,5 @@ func TestCloseLeavesNothingBehind(t *testing.T) {
 		if strings.Contains(string(m), "\n"+r) || strings.HasPrefix(string(m), r) {
 			t.Errorf("guest memory %s is still mapped after Close", r)
 		}
-	}
-	if after.goroutines > before.goroutines {
-		t.Errorf("goroutines: %d before, %d after %d VMs", before.goroutines, after.goroutines, n)
-	}
-	if after.threads > before.threads+runtimeSlack {
-		t.Errorf("threads: %d before, %d after %d VMs", before.threads, after.threads, n)
 	}
 }
