@@ -61,6 +61,11 @@ type Config struct {
 	// paths. Everything else of the host is visible read-only; /tmp,
 	// /var/tmp, /run and /dev/shm are fresh tmpfs mounts inside.
 	Shares []string
+	// Network gives the outer VM outbound network through QEMU's user-mode
+	// networking (NAT through this host's sockets; 10.0.2.15/24, gateway
+	// 10.0.2.2, DNS 10.0.2.3 written to /etc/resolv.conf inside). Off by
+	// default: the outer VM then has loopback only.
+	Network bool
 	// Modules are extra kernel modules (names such as "tun" or "loop") to
 	// load in the outer VM besides KVM, virtio and 9p; their dependencies
 	// are resolved and loaded first.

@@ -4,7 +4,11 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
+	"io"
 	"log/slog"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -200,5 +204,42 @@ func BenchmarkDelegateCreateVM(b *testing.B) {
 			b.Fatal(errno)
 		}
 		unix.Close(int(vm))
+	}
+}
+
+// TestRunNetwork checks Config.Network: the program reaches an HTTP server
+// on this host's loopback through QEMU's user networking (10.0.2.2 is the
+// host there), and extra modules load.
+func TestRunNetwork(t *testing.T) {
+	needOuterVM(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "hello from the host\n")
+	})}
+	go srv.Serve(ln)
+	defer srv.Close()
+	bb, err := findStaticBusybox()
+	if err != nil {
+		t.Skip(err)
+	}
+	port := ln.Addr().(*net.TCPAddr).Port
+	var stdout, stderr bytes.Buffer
+	res, err := RunResult(context.Background(), Config{
+		Program: bb,
+		Args:    []string{"sh", "-c", fmt.Sprintf("wget -q -O - http://10.0.2.2:%d/ && grep -q 10.0.2.3 /etc/resolv.conf && test -d /sys/module/veth", port)},
+		Network: true,
+		Modules: []string{"veth"},
+		Stdout:  &stdout,
+		Stderr:  &stderr,
+		Timeout: 10 * time.Minute,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.ExitCode != 0 || stdout.String() != "hello from the host\n" {
+		t.Errorf("exit %d, stdout %q, stderr %q", res.ExitCode, stdout.String(), stderr.String())
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -65,7 +66,11 @@ func RunResult(ctx context.Context, cfg Config) (Result, error) {
 	if err != nil {
 		return Result{}, err
 	}
-	initrd, err := ensureInitramfs(ctx, log, c.AssetDir, k, tl.busybox, c.Modules)
+	modules := c.Modules
+	if c.Network {
+		modules = append(slices.Clone(modules), "virtio_net")
+	}
+	initrd, err := ensureInitramfs(ctx, log, c.AssetDir, k, tl.busybox, modules)
 	if err != nil {
 		return Result{}, err
 	}
@@ -148,6 +153,9 @@ func qemuArgs(c *Config, kernelImage, initrd, work string, shareTags map[string]
 	}
 	for _, s := range sortedKeys(shareTags) {
 		args = append(args, "-virtfs", "local,path="+qemuEscape(s)+",mount_tag="+shareTags[s]+",security_model=none,multidevs=remap")
+	}
+	if c.Network {
+		args = append(args, "-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0")
 	}
 	return args
 }

@@ -58,6 +58,7 @@ type plan struct {
 	argv     []string
 	msize    int
 	hostRoot string // tag of the read-only root share
+	network  bool   // configure eth0 for QEMU user networking
 }
 
 // newPlan decides the mounts for cfg with the work dir work. shareTags
@@ -71,6 +72,7 @@ func newPlan(cfg *Config, work, busybox string, shareTags map[string]string) *pl
 		argv:     append([]string{cfg.Program}, cfg.Args...),
 		msize:    512000,
 		hostRoot: tagHostRoot,
+		network:  cfg.Network,
 	}
 	for _, d := range tmpfsDirs {
 		if st, err := os.Stat(d); err == nil && st.IsDir() {
@@ -141,6 +143,13 @@ func (p *plan) setupScript() string {
 		case "hostview":
 			w(`$B mount --bind /mnt/ro%s $R%s || fail %s`, shq(m.path), shq(m.path), shq("cannot bind the host's "+m.path))
 		}
+	}
+	if p.network {
+		w(`$B ip link set eth0 up || fail "no eth0 for the network"`)
+		w(`$B ip addr add 10.0.2.15/24 dev eth0 || fail "cannot configure eth0"`)
+		w(`$B ip route add default via 10.0.2.2 || fail "cannot add the default route"`)
+		w(`$B echo "nameserver 10.0.2.3" >$W/resolv.conf`)
+		w(`[ -f $R/etc/resolv.conf ] && { $B mount --bind $W/resolv.conf $R/etc/resolv.conf || fail "cannot bind /etc/resolv.conf"; }`)
 	}
 	w(`$B cut -d' ' -f1 /proc/uptime >$W/%s.tmp && $B mv $W/%s.tmp $W/%s`, fileStarted, fileStarted, fileStarted)
 	w(`$B chroot $R %s sh %s`, shq(p.busybox), shq(filepath.Join(p.work, fileRun)))

@@ -635,6 +635,21 @@ func TestQEMUArgs(t *testing.T) {
 	}
 }
 
+func TestNetworkConfig(t *testing.T) {
+	c := Config{CPUs: 1, MemoryMiB: 512}
+	if strings.Contains(strings.Join(qemuArgs(&c, "/k", "/i", "/w", nil), " "), "netdev") {
+		t.Error("network device without Network")
+	}
+	c.Network = true
+	if !strings.Contains(strings.Join(qemuArgs(&c, "/k", "/i", "/w", nil), " "), "-netdev user,id=net0 -device virtio-net-pci,netdev=net0") {
+		t.Error("no user network with Network")
+	}
+	p := &plan{work: "/w", busybox: "/bin/busybox", msize: 1, hostRoot: tagHostRoot, network: true}
+	if s := p.setupScript(); !strings.Contains(s, "ip route add default via 10.0.2.2") || !strings.Contains(s, "nameserver 10.0.2.3") {
+		t.Errorf("setup script does not configure the network:\n%s", s)
+	}
+}
+
 func TestConsoleBuf(t *testing.T) {
 	var extra bytes.Buffer
 	c := &consoleBuf{extra: &extra}

@@ -1,7 +1,7 @@
 // Command kvmhost-run runs a program inside the emulated KVM host (an outer
 // QEMU/TCG VM with a real /dev/kvm) and exits with the program's exit code.
 //
-//	kvmhost-run [-mem MiB] [-cpus N] [-timeout D] [-console] [-v] -- /abs/path/prog args...
+//	kvmhost-run [-mem MiB] [-cpus N] [-timeout D] [-net] [-module name] [-console] [-v] -- prog args...
 //
 // The program sees this host's files read-only at the same paths, the
 // user's cache directory read-write, and GOSANDBOX_IN_KVMHOST=1. It exists
@@ -30,6 +30,7 @@ func main() {
 	timeout := flag.Duration("timeout", 0, "bound on the whole run (0: none)")
 	console := flag.Bool("console", false, "copy the outer VM console to stderr")
 	verbose := flag.Bool("v", false, "log progress and timings to stderr")
+	network := flag.Bool("net", false, "give the outer VM outbound network (QEMU user networking)")
 	var modules stringList
 	flag.Var(&modules, "module", "extra kernel module to load (repeatable)")
 	flag.Parse()
@@ -57,6 +58,7 @@ func main() {
 		CPUs:      *cpus,
 		Timeout:   *timeout,
 		Modules:   modules,
+		Network:   *network,
 	}
 	if *console {
 		cfg.Console = os.Stderr
