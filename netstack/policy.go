@@ -144,10 +144,14 @@ func (t Target) matchAddr(a netip.Addr, g Group) bool {
 
 // Rule is one parsed network rule.
 type Rule struct {
-	Action    Action
+	// Action is Allow or Deny.
+	Action Action
+	// Direction is Egress (the default), Ingress or AnyDirection.
 	Direction Direction
-	Target    Target
-	Proto     Proto
+	// Target is the address, group or name the rule matches.
+	Target Target
+	// Proto is the transport protocol; ProtoAny matches all.
+	Proto Proto
 	// PortLo and PortHi bound the destination port (the guest port for
 	// ingress); both zero means any port.
 	PortLo, PortHi uint16

@@ -7,6 +7,7 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
@@ -285,3 +286,5 @@ func (n *Network) copyDatagrams(dst, src net.Conn, bucket *tokenBucket, counter 
 		counter.Add(uint64(nr))
 	}
 }
+
+func isRefused(err error) bool { return errors.Is(err, syscall.ECONNREFUSED) }
