@@ -53,6 +53,11 @@ func WithModules(names ...string) Option {
 	return WithConfig(func(c *Config) { c.Modules = append(c.Modules, names...) })
 }
 
+// WithNetwork gives the outer VM outbound network (Config.Network).
+func WithNetwork() Option {
+	return WithConfig(func(c *Config) { c.Network = true })
+}
+
 // WithConfig edits the Config Delegate passes to Run (after Delegate filled
 // in Program, Args, Stdout and Stderr).
 func WithConfig(f func(*Config)) Option {

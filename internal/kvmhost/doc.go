@@ -30,7 +30,8 @@
 // runs many cases as subtests, rather than every small test delegating.
 //
 // Work that needs the network or writes outside the shares belongs before
-// the Delegate call, on the host: the outer VM has loopback only, and the
+// the Delegate call, on the host: the outer VM has loopback only (unless
+// WithNetwork / Config.Network asks for QEMU's user networking), and the
 // host's files are read-only inside except the cache directory. For
 // example, fetch the guest kernel first; inside, the same code finds it in
 // the shared cache:
