@@ -405,7 +405,8 @@ func (s *Store) importLayer(ctx context.Context, l *Layer, report func(Progress)
 		}
 	}()
 
-	st, convErr := convertCompressed(ctx, in, sq, squashfs.WithCompressionLevel(s.level))
+	abort := func() { _ = src.Close() } // unblocks a stalled download when conversion fails
+	st, convErr := convertCompressed(ctx, in, sq, abort, squashfs.WithCompressionLevel(s.level))
 	// Read what the converter left (compressed trailers) so the digest
 	// covers the whole blob.
 	if convErr == nil {
@@ -471,7 +472,7 @@ func (p *progressReader) flush() {
 
 // convertCompressed detects gzip, zstd or plain tar by magic number and
 // converts the layer.
-func convertCompressed(ctx context.Context, r io.Reader, out io.WriterAt, opts ...squashfs.Option) (LayerStats, error) {
+func convertCompressed(ctx context.Context, r io.Reader, out io.WriterAt, abort func(), opts ...squashfs.Option) (LayerStats, error) {
 	br := bufio.NewReaderSize(r, 64<<10)
 	magic, _ := br.Peek(4)
 	switch {
@@ -481,7 +482,14 @@ func convertCompressed(ctx context.Context, r io.Reader, out io.WriterAt, opts .
 			return LayerStats{}, fmt.Errorf("%w: gzip: %v", ErrInvalidLayer, err)
 		}
 		defer zr.Close()
-		st, err := ConvertLayer(ctx, zr, out, opts...)
+		pr, stop := decouple(zr)
+		st, err := ConvertLayer(ctx, pr, out, opts...)
+		if err != nil && abort != nil {
+			abort()
+		}
+		if serr := stop(); err == nil && serr != nil {
+			err = serr
+		}
 		if err == nil {
 			_, err = io.Copy(io.Discard, br)
 		}
@@ -492,10 +500,41 @@ func convertCompressed(ctx context.Context, r io.Reader, out io.WriterAt, opts .
 			return LayerStats{}, fmt.Errorf("%w: zstd: %v", ErrInvalidLayer, err)
 		}
 		defer zr.Close()
-		st, err := ConvertLayer(ctx, zr, out, opts...)
+		pr, stop := decouple(zr)
+		st, err := ConvertLayer(ctx, pr, out, opts...)
+		if err != nil && abort != nil {
+			abort()
+		}
+		if serr := stop(); err == nil && serr != nil {
+			err = serr
+		}
 		return st, decompErr(err)
 	default:
 		return ConvertLayer(ctx, br, out, opts...)
+	}
+}
+
+var errStopped = errors.New("image: reader stopped")
+
+// decouple reads r (download, hashing, decompression) in its own goroutine
+// so that it overlaps with conversion. stop closes the pipe, waits for the
+// goroutine and returns its error (nil if it reached EOF or was stopped).
+func decouple(r io.Reader) (io.Reader, func() error) {
+	pr, pw := io.Pipe()
+	done := make(chan error, 1)
+	go func() {
+		buf := make([]byte, 256<<10)
+		_, err := io.CopyBuffer(pw, r, buf)
+		pw.CloseWithError(err)
+		done <- err
+	}()
+	return pr, func() error {
+		pr.CloseWithError(errStopped)
+		err := <-done
+		if errors.Is(err, errStopped) || errors.Is(err, io.ErrClosedPipe) {
+			return nil
+		}
+		return err
 	}
 }
 

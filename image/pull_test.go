@@ -438,3 +438,19 @@ func TestVerifyDetectsCorruption(t *testing.T) {
 		t.Fatalf("Verify after tampering: %v, want ErrDigestMismatch", err)
 	}
 }
+
+func TestPullHostileLayer(t *testing.T) {
+	_, host := startRegistry(t)
+	bad := mkTar(t, tent{name: "ok", body: strings.Repeat("x", 1<<20)}, tent{name: "../../etc/cron.d/evil", body: "boom"})
+	push(t, host+"/evil:1", buildImage(t, v1.Config{}, bad))
+	s := openStore(t, t.TempDir())
+	_, err := s.Pull(context.Background(), host+"/evil:1")
+	var le *LayerError
+	if !errors.Is(err, ErrUnsafePath) || !errors.As(err, &le) || le.Path != "../../etc/cron.d/evil" {
+		t.Fatalf("err = %v, want a *LayerError wrapping ErrUnsafePath", err)
+	}
+	if ents, _ := os.ReadDir(filepath.Join(s.Root(), "layers", "sha256")); len(ents) != 0 {
+		t.Errorf("%d layer images kept", len(ents))
+	}
+	assertNoScratch(t, s)
+}

@@ -296,7 +296,7 @@ func (s *Store) tempFile(pattern string) (*os.File, error) {
 
 // commit syncs f and renames it to dst, or removes it.
 func commit(f *os.File, dst string) error {
-	if err := f.Sync(); err != nil {
+	if err := syncFile(f); err != nil {
 		_ = f.Close()
 		_ = os.Remove(f.Name())
 		return err
@@ -741,3 +741,5 @@ func (s *Store) Verify(ctx context.Context, ref string) error {
 	}
 	return nil
 }
+
+var syncFile = func(f *os.File) error { return f.Sync() }
