@@ -27,6 +27,10 @@ var (
 	ErrSetup = errors.New("kvmhost: outer VM setup failed")
 )
 
+// errorTailLines is how much of the console VMError.Error shows; the
+// ConsoleTail field keeps more.
+const errorTailLines = 60
+
 // VMError describes a failed outer VM run. It matches one of ErrTimeout,
 // ErrCrashed or ErrSetup with errors.Is.
 type VMError struct {
@@ -38,7 +42,7 @@ type VMError struct {
 	// killed", ...), empty if it was not observed.
 	QEMUExit string
 	// ConsoleTail is the last part of the outer VM's serial console (kernel
-	// messages and the init's diagnostics).
+	// messages and the init's diagnostics); Error shows its last lines.
 	ConsoleTail string
 }
 
@@ -54,6 +58,9 @@ func (e *VMError) Error() string {
 		fmt.Fprintf(&b, " (qemu: %s)", e.QEMUExit)
 	}
 	if tail := strings.TrimSpace(e.ConsoleTail); tail != "" {
+		if lines := strings.Split(tail, "\n"); len(lines) > errorTailLines {
+			tail = strings.Join(lines[len(lines)-errorTailLines:], "\n")
+		}
 		b.WriteString("\n--- outer VM console (tail) ---\n")
 		b.WriteString(tail)
 		b.WriteString("\n--- end of console ---")

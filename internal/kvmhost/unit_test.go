@@ -682,6 +682,10 @@ func TestVMErrorIs(t *testing.T) {
 			t.Errorf("message lacks %q: %s", want, err)
 		}
 	}
+	long := &VMError{Kind: ErrCrashed, ConsoleTail: strings.Repeat("line\n", 500) + "last"}
+	if n := strings.Count(long.Error(), "\n"); n > errorTailLines+3 || !strings.Contains(long.Error(), "last") {
+		t.Errorf("long console: %d lines in the message", n)
+	}
 	u := error(&UnavailableError{Reason: "r", Err: os.ErrNotExist})
 	if !errors.Is(u, ErrUnavailable) || !errors.Is(u, os.ErrNotExist) {
 		t.Error("UnavailableError.Is wrong")
