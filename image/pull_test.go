@@ -454,3 +454,24 @@ func TestPullHostileLayer(t *testing.T) {
 	}
 	assertNoScratch(t, s)
 }
+
+// TestPullInsecureOnlyWhenAsked serves the registry over TLS with a
+// self-signed certificate: the pull fails certificate verification unless
+// WithInsecure is given.
+func TestPullInsecureOnlyWhenAsked(t *testing.T) {
+	srv := httptest.NewTLSServer(registry.New(registry.Logger(nilLogger())))
+	t.Cleanup(srv.Close)
+	host := strings.TrimPrefix(srv.URL, "https://")
+	img := buildImage(t, v1.Config{}, mkTar(t, tent{name: "f", body: "x"}))
+	r, _ := name.ParseReference(host + "/tls:1")
+	if err := remote.Write(r, img, remote.WithTransport(srv.Client().Transport)); err != nil {
+		t.Fatal(err)
+	}
+	s := openStore(t, t.TempDir())
+	if _, err := s.Pull(context.Background(), host+"/tls:1"); err == nil {
+		t.Fatal("pull from a registry with an untrusted certificate succeeded without WithInsecure")
+	}
+	if _, err := s.Pull(context.Background(), host+"/tls:1", WithInsecure()); err != nil {
+		t.Fatalf("WithInsecure: %v", err)
+	}
+}
