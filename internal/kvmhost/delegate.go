@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"log/slog"
 	"os"
@@ -185,20 +186,73 @@ func isBenchmark(t testing.TB) bool {
 	return ok
 }
 
-// innerTestArgs are the test binary flags selecting exactly t.
+// innerTestArgs are the test binary flags selecting exactly t, and those
+// of its subtests the outer -test.run (or -test.bench) selects; -test.skip
+// is passed on as it is.
 func innerTestArgs(t testing.TB, extra []string) []string {
-	pat := runPattern(t.Name())
 	var args []string
 	if isBenchmark(t) {
-		args = []string{"-test.run=^$", "-test.bench=" + pat, "-test.benchmem"}
+		args = []string{"-test.run=^$", "-test.bench=" + innerPattern(t.Name(), flagValue("test.bench")), "-test.benchmem"}
 	} else {
-		args = []string{"-test.run=" + pat}
+		args = []string{"-test.run=" + innerPattern(t.Name(), flagValue("test.run"))}
+	}
+	if skip := flagValue("test.skip"); skip != "" {
+		args = append(args, "-test.skip="+skip)
 	}
 	args = append(args, "-test.v", "-test.count=1")
 	if testing.Short() {
 		args = append(args, "-test.short")
 	}
 	return append(args, extra...)
+}
+
+// flagValue returns the value of a registered flag, or "".
+func flagValue(name string) string {
+	if f := flag.Lookup(name); f != nil {
+		return f.Value.String()
+	}
+	return ""
+}
+
+// innerPattern selects test name exactly, followed by the elements of the
+// outer pattern below name's depth (go test -run 'TestX/case=2' delegating
+// from TestX runs only that case inside).
+func innerPattern(name, outer string) string {
+	pat := runPattern(name)
+	depth := strings.Count(name, "/") + 1
+	if parts := splitPattern(outer); len(parts) > depth {
+		pat += "/" + strings.Join(parts[depth:], "/")
+	}
+	return pat
+}
+
+// splitPattern splits a -test.run pattern at the slashes that separate
+// levels, as the testing package does: not inside brackets or parentheses,
+// and not escaped.
+func splitPattern(p string) []string {
+	if p == "" {
+		return nil
+	}
+	var parts []string
+	depth, start := 0, 0
+	for i := 0; i < len(p); i++ {
+		switch p[i] {
+		case '\\':
+			i++
+		case '[', '(':
+			depth++
+		case ']', ')':
+			if depth > 0 {
+				depth--
+			}
+		case '/':
+			if depth == 0 {
+				parts = append(parts, p[start:i])
+				start = i + 1
+			}
+		}
+	}
+	return append(parts, p[start:])
 }
 
 // runPattern anchors each element of a (sub)test name.
