@@ -134,11 +134,13 @@
 // otherwise). Prefetch fetches, in one request per layer, everything the
 // image builder placed before the ".prefetch.landmark" entry.
 //
-// What the integrator must add: a 9P server (github.com/hugelgupf/p9) whose
-// files are LazyImage entries, exported to the guest over virtio-9p and used
-// as the lowest overlayfs layer (or as the whole lower tree), so the sandbox
-// boots before the image is downloaded. That server lives with the virtio-9p
-// device, not here. Caveats: a lazily read layer's diff_id cannot be checked
+// Package image/lazy9p serves a LazyImage as a read-only 9P2000.L tree
+// (github.com/hugelgupf/p9), tested with a real 9P client. What the
+// integrator must add: the virtio-9p transport that hands the guest's
+// channel to (*p9.Server).Handle, and the guest mount (mount -t 9p -o
+// trans=virtio,version=9p2000.L,ro,cache=loose <tag> /l/0) used as the
+// overlayfs lower layer, so the sandbox boots before the image is
+// downloaded. Caveats: a lazily read layer's diff_id cannot be checked
 // until the whole layer has been read (integrity rests on the TOC digest in
 // the manifest and the per-chunk digests); a caller's context bounds each
 // call but cannot interrupt one range request already in flight (Close does).

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"io"
 	"io/fs"
 	"net/http"
@@ -248,6 +249,20 @@ type LazyEntry struct {
 	path     string
 	dataName string // TOC name holding the data (the source of a hard link)
 }
+
+// ID returns a number that identifies the underlying file: equal for hard
+// links to one file, different otherwise (a hash of the layer digest and
+// the file's name in that layer). 9P servers use it as the QID path.
+func (e *LazyEntry) ID() uint64 {
+	h := fnv.New64a()
+	h.Write([]byte(e.layer.digest))
+	h.Write([]byte{0})
+	h.Write([]byte(e.dataName))
+	return h.Sum64()
+}
+
+// Path returns the entry's clean path in the merged tree ("" for the root).
+func (e *LazyEntry) Path() string { return e.path }
 
 func cleanLazyPath(p string) (string, error) {
 	if strings.IndexByte(p, 0) >= 0 {
