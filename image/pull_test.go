@@ -475,3 +475,23 @@ func TestPullInsecureOnlyWhenAsked(t *testing.T) {
 		t.Fatalf("WithInsecure: %v", err)
 	}
 }
+
+// TestPullRepeatedLayer pulls an image that lists the same (empty) layer
+// several times, as many Dockerfile builds do.
+func TestPullRepeatedLayer(t *testing.T) {
+	_, host := startRegistry(t)
+	emptyLayer := mkTar(t)
+	f := mkTar(t, tent{name: "f", body: "x"})
+	push(t, host+"/rep:1", buildImage(t, v1.Config{}, emptyLayer, f, emptyLayer, emptyLayer))
+	s := openStore(t, t.TempDir())
+	img, err := s.Pull(context.Background(), host+"/rep:1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(img.Layers) != 4 || img.Layers[0].Path != img.Layers[3].Path {
+		t.Fatalf("layers %+v", img.Layers)
+	}
+	if err := s.Verify(context.Background(), host+"/rep:1"); err != nil {
+		t.Fatal(err)
+	}
+}
