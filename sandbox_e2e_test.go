@@ -3,48 +3,89 @@ package sandbox
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
+	"fmt"
+	"io"
 	"os"
 	"strings"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/gosandbox/sandbox/internal/kvmhost"
+	"github.com/gosandbox/sandbox/internal/leakcheck"
 	"github.com/gosandbox/sandbox/kernel"
 )
 
+// e2eBoots counts the guests booted by the end-to-end tests.
+var e2eBoots int
+
+func newE2E(t *testing.T, opts ...Option) (*Sandbox, *bytes.Buffer) {
+	t.Helper()
+	var con bytes.Buffer
+	if os.Getenv("GOSANDBOX_TEST_CONSOLE") != "" {
+		opts = append(opts, Console(io.MultiWriter(&con, os.Stdout)))
+	} else {
+		opts = append(opts, Console(&con))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	e2eBoots++
+	sb, err := New(ctx, opts...)
+	if err != nil {
+		t.Fatalf("New: %v\nconsole:\n%s", err, con.String())
+	}
+	t.Logf("%s: %s", sb, sb.Phases())
+	return sb, &con
+}
+
 // TestSandbox boots sandboxes and runs commands in them. It needs hardware
 // KVM; elsewhere it runs inside the emulated KVM host, all cases in one
-// outer VM, as few guest boots as the cases allow.
+// outer VM and as few guest boots as the cases allow.
 func TestSandbox(t *testing.T) {
 	ctx0, cancel0 := context.WithTimeout(context.Background(), 5*time.Minute)
 	if _, err := kernel.Default(ctx0); err != nil { // warm the cache before going inside
 		t.Fatal(err)
 	}
 	cancel0()
-	if kvmhost.Delegate(t, kvmhost.WithTimeout(40*time.Minute)) {
+	if kvmhost.Delegate(t, kvmhost.WithTimeout(60*time.Minute)) {
 		return
 	}
-	boots := 0
-	defer func() { t.Logf("booted %d sandboxes", boots) }()
-	var con bytes.Buffer
-	opts := []Option{Name("e2e Test_Sandbox"), CPUs(2)}
-	if os.Getenv("GOSANDBOX_TEST_CONSOLE") != "" {
-		opts = append(opts, Console(os.Stdout))
-	} else {
-		opts = append(opts, Console(&con))
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	defer cancel()
-	sb, err := New(ctx, opts...)
-	boots++
-	if err != nil {
-		t.Fatalf("New: %v\nconsole:\n%s", err, con.String())
-	}
-	defer sb.Close()
-	t.Logf("%s: %s", sb, sb.Phases())
+	mode, _ := kvmhost.Detect()
+	defer func() { t.Logf("mode %s: booted %d sandboxes", mode, e2eBoots) }()
 
-	t.Run("echo", func(t *testing.T) {
+	sb, con := newE2E(t, Name("e2e Test_Sandbox"), CPUs(2))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	t.Run("commands", func(t *testing.T) { testCommands(ctx, t, sb) })
+	if t.Failed() {
+		t.Logf("console:\n%s", con)
+	}
+	if err := sb.Close(); err != nil {
+		t.Errorf("Close: %v", err)
+	}
+	if err := sb.Close(); err != nil {
+		t.Errorf("second Close: %v", err)
+	}
+	if _, err := sb.Run(ctx, "true"); !errors.Is(err, ErrClosed) {
+		t.Errorf("Run after Close: %v, want ErrClosed", err)
+	}
+
+	t.Run("guest failures", func(t *testing.T) { testGuestFailures(t) })
+	t.Run("no leaks", func(t *testing.T) {
+		n := 50 // on hardware KVM
+		if mode.String() != "hardware" && !mode.Direct() || os.Getenv("GOSANDBOX_IN_KVMHOST") != "" {
+			n = 2 // exact counts make a few boots under emulation enough
+		}
+		testNoLeaks(t, n)
+	})
+}
+
+func testCommands(ctx context.Context, t *testing.T, sb *Sandbox) {
+	t.Run("stdout stderr exit", func(t *testing.T) {
 		res, err := sb.Run(ctx, "sh", "-c", "echo hi; echo oops >&2; exit 3")
 		if err != nil {
 			t.Fatal(err)
@@ -54,17 +95,25 @@ func TestSandbox(t *testing.T) {
 		}
 	})
 	t.Run("exit codes", func(t *testing.T) {
-		for cmd, want := range map[string]int{"true": 0, "false": 1, "exit 127": 127} {
-			res, err := sb.Run(ctx, "sh", "-c", cmd)
-			if err != nil || res.ExitCode != want {
-				t.Errorf("%s: %+v, %v; want exit %d", cmd, res, err, want)
+		for _, c := range []struct {
+			cmd  string
+			want int
+		}{{"true", 0}, {"false", 1}, {"no-such-command-here", 127}} {
+			res, err := sb.Run(ctx, "sh", "-c", c.cmd)
+			if err != nil || res.ExitCode != c.want {
+				t.Errorf("sh -c %s: %+v, %v; want exit %d", c.cmd, res, err, c.want)
 			}
 		}
 	})
-	t.Run("not found", func(t *testing.T) {
+	t.Run("not found is typed", func(t *testing.T) {
 		_, err := sb.Run(ctx, "/no/such/command")
-		if !errors.Is(err, ErrExecNotFound) {
+		var se interface{ Error() string }
+		if !errors.Is(err, ErrExecNotFound) || !errors.As(err, &se) {
 			t.Fatalf("err = %v, want ErrExecNotFound", err)
+		}
+		_, err = sb.Exec(ctx, Cmd{Args: []string{"true"}, Dir: "/no/such/dir"})
+		if !errors.Is(err, ErrBadWorkingDir) {
+			t.Fatalf("bad dir: %v, want ErrBadWorkingDir", err)
 		}
 	})
 	t.Run("hostname and cpus", func(t *testing.T) {
@@ -76,4 +125,183 @@ func TestSandbox(t *testing.T) {
 			t.Fatalf("hostname/cpus = %q", res.Stdout)
 		}
 	})
+	t.Run("stdin through cat", func(t *testing.T) {
+		in := strings.Repeat("line of stdin\n", 10000)
+		var out bytes.Buffer
+		p, err := sb.Exec(ctx, Cmd{Args: []string{"cat"}, Stdin: strings.NewReader(in), Stdout: &out})
+		if err != nil {
+			t.Fatal(err)
+		}
+		st, err := p.Wait(ctx)
+		if err != nil || !st.Success() || out.String() != in {
+			t.Fatalf("status %v, err %v, %d of %d bytes back", st, err, out.Len(), len(in))
+		}
+	})
+	t.Run("64 MiB of stdout", func(t *testing.T) {
+		const n = 64 << 20
+		h := sha256.New()
+		cw := &countWriter{w: h}
+		p, err := sb.Exec(ctx, Cmd{Args: []string{"sh", "-c", fmt.Sprintf("yes abcdefg | head -c %d", n)}, Stdout: cw})
+		if err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		st, err := p.Wait(ctx)
+		if err != nil || !st.Success() {
+			t.Fatalf("status %v, err %v", st, err)
+		}
+		want := sha256.New()
+		line := []byte("abcdefg\n")
+		for written := 0; written < n; written += len(line) {
+			want.Write(line[:min(len(line), n-written)])
+		}
+		if cw.n != n || hex.EncodeToString(h.Sum(nil)) != hex.EncodeToString(want.Sum(nil)) {
+			t.Fatalf("got %d bytes, hash mismatch=%v", cw.n, hex.EncodeToString(h.Sum(nil)) != hex.EncodeToString(want.Sum(nil)))
+		}
+		t.Logf("64 MiB in %v", time.Since(start))
+	})
+	t.Run("signal ends a process", func(t *testing.T) {
+		p, err := sb.Exec(ctx, Cmd{Args: []string{"sleep", "1000"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := p.Signal(syscall.SIGTERM); err != nil {
+			t.Fatal(err)
+		}
+		st, err := p.Wait(ctx)
+		if err != nil || st.Signal != syscall.SIGTERM {
+			t.Fatalf("status %v, err %v; want killed by SIGTERM", st, err)
+		}
+	})
+	t.Run("tty size", func(t *testing.T) {
+		var out bytes.Buffer
+		p, err := sb.Exec(ctx, Cmd{Args: []string{"stty", "size"}, TTY: true, Rows: 33, Cols: 111, Stdout: &out})
+		if err != nil {
+			t.Fatal(err)
+		}
+		st, err := p.Wait(ctx)
+		if err != nil || !st.Success() || strings.TrimSpace(out.String()) != "33 111" {
+			t.Fatalf("status %v, err %v, output %q; want \"33 111\"", st, err, out.String())
+		}
+	})
+	t.Run("20 concurrent execs", func(t *testing.T) {
+		var wg sync.WaitGroup
+		errs := make(chan error, 20)
+		for i := 0; i < 20; i++ {
+			wg.Add(1)
+			go func(i int) {
+				defer wg.Done()
+				res, err := sb.Run(ctx, "sh", "-c", fmt.Sprintf("sleep 0.2; echo %d", i))
+				if err != nil || strings.TrimSpace(string(res.Stdout)) != fmt.Sprint(i) {
+					errs <- fmt.Errorf("exec %d: %+v, %v", i, res, err)
+				}
+			}(i)
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Error(err)
+		}
+	})
+	t.Run("exec timeout", func(t *testing.T) {
+		tctx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
+		defer cancel()
+		_, err := sb.Run(tctx, "sleep", "1000")
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("err = %v, want DeadlineExceeded", err)
+		}
+		// The sandbox still works.
+		if res, err := sb.Run(ctx, "echo", "alive"); err != nil || string(res.Stdout) != "alive\n" {
+			t.Fatalf("after timeout: %+v, %v", res, err)
+		}
+	})
+}
+
+type countWriter struct {
+	w io.Writer
+	n int
+}
+
+func (c *countWriter) Write(p []byte) (int, error) {
+	c.n += len(p)
+	return c.w.Write(p)
+}
+
+// testGuestFailures checks that a guest kernel panic ends pending and later
+// calls with typed errors within seconds. The agent is PID 1 (init and
+// agent are one process), so an agent that dies is this same case: the
+// kernel panics with "Attempted to kill init".
+func testGuestFailures(t *testing.T) {
+	for _, c := range []struct {
+		name, cmd string
+	}{
+		{"kernel panic", "echo c > /proc/sysrq-trigger"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			sb, con := newE2E(t, Name(c.name))
+			defer sb.Close()
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+			defer cancel()
+			// A command that would run for long is pending when the
+			// guest dies.
+			pending := make(chan error, 1)
+			go func() {
+				_, err := sb.Run(ctx, "sleep", "1000")
+				pending <- err
+			}()
+			start := time.Now()
+			sb.Run(ctx, "sh", "-c", c.cmd)
+			var err error
+			select {
+			case err = <-pending:
+			case <-ctx.Done():
+				t.Fatalf("a pending Run did not return after the guest died\nconsole:\n%s", con)
+			}
+			t.Logf("pending Run returned after %v: %v", time.Since(start), err)
+			if !errors.Is(err, ErrGuestPanic) && !errors.Is(err, ErrAgentGone) && !errors.Is(err, ErrGuestExited) {
+				t.Fatalf("pending Run: %v, want ErrGuestPanic, ErrGuestExited or ErrAgentGone", err)
+			}
+			_, err = sb.Run(ctx, "true")
+			if !errors.Is(err, ErrGuestExited) && !errors.Is(err, ErrGuestPanic) {
+				t.Fatalf("later Run: %v, want a guest error", err)
+			}
+			if c.name == "kernel panic" && !errors.Is(err, ErrGuestPanic) {
+				t.Fatalf("later Run: %v, want ErrGuestPanic", err)
+			}
+		})
+	}
+}
+
+// testNoLeaks creates and closes n sandboxes and checks that fds,
+// goroutines and threads are back to where they were.
+func testNoLeaks(t *testing.T, n int) {
+	before, err := leakcheck.Settle(leakcheck.Counts{}, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < n; i++ {
+		sb, _ := newE2E(t, Name(fmt.Sprintf("leak-%d", i)))
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		res, err := sb.Run(ctx, "echo", "x")
+		cancel()
+		if err != nil || string(res.Stdout) != "x\n" {
+			t.Fatalf("sandbox %d: %+v, %v", i, res, err)
+		}
+		if err := sb.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The runtime may keep a few idle threads; a per-sandbox leak shows n
+	// times over.
+	want := before
+	want.Threads += 2
+	want.Maps += 8
+	after, err := leakcheck.Settle(want, 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%d sandboxes: before %v, after %v", n, before, after)
+	if after.FDs != before.FDs || after.Goroutines > before.Goroutines || after.Threads > want.Threads || after.Maps > want.Maps {
+		t.Fatalf("leak after %d sandboxes: before %v, after %v", n, before, after)
+	}
 }
