@@ -30,6 +30,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 	"sync"
 	"syscall"
 	"time"
@@ -132,9 +133,13 @@ func New(ctx context.Context, opts ...Option) (_ *Sandbox, err error) {
 	if err != nil {
 		return nil, err
 	}
-	initrd, err := guest.Initramfs()
+	cacheDir, err := os.UserCacheDir()
 	if err != nil {
-		return nil, fmt.Errorf("sandbox: guest initramfs: %w", err)
+		return nil, fmt.Errorf("sandbox: no cache directory (set $HOME or $XDG_CACHE_HOME): %w", err)
+	}
+	initrd, err := guestInitramfs(cacheDir)
+	if err != nil {
+		return nil, err
 	}
 
 	sb := &Sandbox{cfg: cfg, log: cfg.logger, hvclog: vmm.NewRingLog(64 << 10), watchDone: make(chan struct{})}
@@ -173,7 +178,7 @@ func New(ctx context.Context, opts ...Option) (_ *Sandbox, err error) {
 	if cfg.cmdline != "" {
 		cmdline += " " + cfg.cmdline
 	}
-	if _, err = sb.vm.LoadLinux(vmm.LinuxConfig{Kernel: k.Vmlinux, SetupHeader: k.SetupHeader, Initrd: initrd, Cmdline: cmdline}); err != nil {
+	if _, err = sb.vm.LoadLinux(vmm.LinuxConfig{Kernel: k.Vmlinux, SetupHeader: k.SetupHeader, InitrdFile: initrd, Cmdline: cmdline}); err != nil {
 		return nil, err
 	}
 	if err = sb.vm.Start(); err != nil {

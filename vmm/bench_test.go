@@ -30,7 +30,10 @@ func BenchmarkNewToFirstRun(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	initrd := testInitramfs(b, benchInit(b))
+	initrd := filepath.Join(b.TempDir(), "initrd")
+	if err := os.WriteFile(initrd, testInitramfs(b, benchInit(b)), 0o444); err != nil {
+		b.Fatal(err)
+	}
 	b.ReportAllocs()
 	var total time.Duration
 	for i := 0; i < b.N; i++ {
@@ -38,7 +41,7 @@ func BenchmarkNewToFirstRun(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		if _, err := vm.LoadLinux(LinuxConfig{Kernel: k.Vmlinux, SetupHeader: k.SetupHeader, Initrd: initrd, AllowAnyHost: true}); err != nil {
+		if _, err := vm.LoadLinux(LinuxConfig{Kernel: k.Vmlinux, SetupHeader: k.SetupHeader, InitrdFile: initrd, AllowAnyHost: true}); err != nil {
 			b.Fatal(err)
 		}
 		if err := vm.Start(); err != nil {

@@ -273,7 +273,7 @@ func setUserMemoryRegion(vmfd int, r *userMemoryRegion) error {
 }
 
 func getSupportedCPUID(kvmfd int) ([]cpuidEntry, error) {
-	for n := 64; n <= 4096; n *= 2 {
+	for n := 256; n <= 4096; n *= 2 {
 		buf := make([]byte, 8+n*int(unsafe.Sizeof(cpuidEntry{})))
 		*(*uint32)(unsafe.Pointer(&buf[0])) = uint32(n)
 		_, err := ioctlRetry(kvmfd, kvmGetSupportedCPUID, uintptr(unsafe.Pointer(&buf[0])))

@@ -39,6 +39,10 @@ type LinuxConfig struct {
 	Cmdline string
 	// Initrd is an optional initramfs.
 	Initrd []byte
+	// InitrdFile is the path of an initramfs file, instead of Initrd: its
+	// pages are mapped into guest memory copy-on-write, not copied. It
+	// must not be modified in place while guests use it.
+	InitrdFile string
 	// AllowAnyHost skips the host check (PVM and hosts without hardware
 	// virtualization cannot run a stock kernel; the check fails fast with a
 	// *HostError instead of a guest that dies in emulation).
@@ -67,6 +71,15 @@ func (vm *VM) LoadLinux(lc LinuxConfig) (*linuxboot.Loaded, error) {
 		Cmdline:     strings.TrimSpace(BaseCmdline + " " + lc.Cmdline),
 		Initrd:      lc.Initrd,
 		SetupHeader: lc.SetupHeader,
+	}
+	if lc.InitrdFile != "" {
+		inf, err := os.Open(lc.InitrdFile)
+		if err != nil {
+			return nil, fmt.Errorf("vmm: open initramfs: %w", err)
+		}
+		defer inf.Close()
+		cfg.InitrdFile = inf
+		cfg.Mapper = vm.mem
 	}
 	head := make([]byte, 1024)
 	n, _ := f.ReadAt(head, 0)

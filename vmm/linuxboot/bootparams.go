@@ -2,6 +2,8 @@ package linuxboot
 
 import (
 	"encoding/binary"
+	"errors"
+	"fmt"
 	"os"
 	"strings"
 
@@ -100,6 +102,11 @@ type Config struct {
 	// It is placed page-aligned as high as allowed below
 	// min(initrd_addr_max, end of RAM below 4 GiB), clear of the kernel.
 	Initrd []byte
+	// InitrdFile is the initramfs as a file, instead of Initrd (set one of
+	// them). With Mapper, its whole pages are mapped into guest memory
+	// copy-on-write instead of copied, like the kernel's segments; the
+	// same rules apply (never modified in place while a guest uses it).
+	InitrdFile *os.File
 	// SetupHeader is the raw setup header to copy into the zero page
 	// (SetupHeader.Raw of the bzImage the vmlinux came from). Nil means
 	// defaults for a bare ELF vmlinux. LoadBzImage uses the image's own.
@@ -143,6 +150,7 @@ type bootPlan struct {
 	zeroPage   [ZeroPageSize]byte
 	cmdline    []byte // with its NUL
 	initrdAddr uint64
+	initrdSize uint64
 	e820       []E820Entry
 }
 
@@ -207,7 +215,11 @@ func planBoot(regions []guestmem.Region, kStart, kEnd uint64, cfg Config, code32
 	}
 
 	// Initramfs: as high as allowed in low RAM, clear of the kernel.
-	if n := uint64(len(cfg.Initrd)); n > 0 {
+	n, err := cfg.initrdSize()
+	if err != nil {
+		return nil, err
+	}
+	if n > 0 {
 		var low uint64 // end of RAM below 4 GiB
 		for _, r := range regions {
 			if r.GPA < guestmem.MMIOHoleEnd {
@@ -231,7 +243,7 @@ func planBoot(regions []guestmem.Region, kStart, kEnd uint64, cfg Config, code32
 		if !ok {
 			return nil, &InitrdError{Size: n, Top: top, KernelStart: kStart, KernelEnd: kEnd}
 		}
-		p.initrdAddr = addr
+		p.initrdAddr, p.initrdSize = addr, n
 		le.PutUint32(zp[offRamdiskImage:], uint32(addr))
 		le.PutUint32(zp[offExtRamdiskImage:], uint32(addr>>32))
 		le.PutUint32(zp[offRamdiskSize:], uint32(n))
@@ -254,22 +266,54 @@ func planBoot(regions []guestmem.Region, kStart, kEnd uint64, cfg Config, code32
 }
 
 // write puts the plan's zero page, command line and initramfs into memory.
-func (p *bootPlan) write(mem *guestmem.Memory, initrd []byte) error {
+// initrdSize is the size of the configured initramfs.
+func (cfg *Config) initrdSize() (uint64, error) {
+	if cfg.InitrdFile == nil {
+		return uint64(len(cfg.Initrd)), nil
+	}
+	if len(cfg.Initrd) > 0 {
+		return 0, errors.New("linuxboot: Config sets both Initrd and InitrdFile; set one")
+	}
+	st, err := cfg.InitrdFile.Stat()
+	if err != nil {
+		return 0, fmt.Errorf("linuxboot: stat initramfs: %w", err)
+	}
+	return uint64(st.Size()), nil
+}
+
+func (p *bootPlan) write(mem *guestmem.Memory, cfg Config) error {
 	if err := mem.WriteAt(p.zeroPage[:], ZeroPageAddr); err != nil {
 		return err
 	}
 	if err := mem.WriteAt(p.cmdline, CmdlineAddr); err != nil {
 		return err
 	}
-	if len(initrd) > 0 {
-		if err := mem.WriteAt(initrd, p.initrdAddr); err != nil {
-			return err
+	if len(cfg.Initrd) > 0 {
+		return mem.WriteAt(cfg.Initrd, p.initrdAddr)
+	}
+	if cfg.InitrdFile == nil || p.initrdSize == 0 {
+		return nil
+	}
+	dst, err := mem.Slice(p.initrdAddr, p.initrdSize)
+	if err != nil {
+		return err
+	}
+	var mapped uint64
+	if cfg.Mapper != nil {
+		if n := alignDown(p.initrdSize, guestmem.PageSize); n > 0 {
+			if err := cfg.Mapper.MapFile(p.initrdAddr, cfg.InitrdFile, 0, n); err != nil {
+				return fmt.Errorf("linuxboot: map initramfs: %w", err)
+			}
+			mapped = n
 		}
+	}
+	if k, err := cfg.InitrdFile.ReadAt(dst[mapped:], int64(mapped)); uint64(k) != p.initrdSize-mapped {
+		return fmt.Errorf("linuxboot: read initramfs: %w", err)
 	}
 	return nil
 }
 
-func (p *bootPlan) loaded(entry, kStart, kEnd uint64, initrd []byte) *Loaded {
+func (p *bootPlan) loaded(entry, kStart, kEnd uint64) *Loaded {
 	l := &Loaded{
 		Entry:       entry,
 		BootParams:  ZeroPageAddr,
@@ -278,8 +322,8 @@ func (p *bootPlan) loaded(entry, kStart, kEnd uint64, initrd []byte) *Loaded {
 		CmdlineAddr: CmdlineAddr,
 		E820:        p.e820,
 	}
-	if len(initrd) > 0 {
-		l.InitrdAddr, l.InitrdSize = p.initrdAddr, uint64(len(initrd))
+	if p.initrdSize > 0 {
+		l.InitrdAddr, l.InitrdSize = p.initrdAddr, p.initrdSize
 	}
 	return l
 }

@@ -55,10 +55,10 @@ func LoadELF(mem *guestmem.Memory, vmlinux io.ReaderAt, size int64, cfg Config) 
 		}
 		clear(dst[s.Filesz:])
 	}
-	if err := plan.write(mem, cfg.Initrd); err != nil {
+	if err := plan.write(mem, cfg); err != nil {
 		return nil, err
 	}
-	return plan.loaded(entry, kStart, kEnd, cfg.Initrd), nil
+	return plan.loaded(entry, kStart, kEnd), nil
 }
 
 // LoadBzImage is the fallback path: it places the bzImage's protected-mode
@@ -87,10 +87,10 @@ func LoadBzImage(mem *guestmem.Memory, z *BzImage, cfg Config) (*Loaded, error) 
 	if err := mem.WriteAt(pm, kStart); err != nil {
 		return nil, err
 	}
-	if err := plan.write(mem, cfg.Initrd); err != nil {
+	if err := plan.write(mem, cfg); err != nil {
 		return nil, err
 	}
-	return plan.loaded(kStart+BzImageEntryOffset, kStart, kEnd, cfg.Initrd), nil
+	return plan.loaded(kStart+BzImageEntryOffset, kStart, kEnd), nil
 }
 
 // IsELF reports whether b starts with the ELF magic number.

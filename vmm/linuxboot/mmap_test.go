@@ -120,3 +120,41 @@ func TestGuestMemoryMapFileErrors(t *testing.T) {
 		t.Error("mapped pages do not show the file")
 	}
 }
+
+func TestInitrdFileIsMapped(t *testing.T) {
+	mem := newMem(t, 64*mib)
+	k := linuxboottest.ELFPageAligned(16*mib, linuxboottest.Segment{Paddr: 16 * mib, Vaddr: 16 * mib, Data: bytes.Repeat([]byte{0x90}, 8192)})
+	kf := writeTemp(t, k)
+	initrd := make([]byte, 3*4096+100) // whole pages mapped, the tail copied
+	for i := range initrd {
+		initrd[i] = byte(i * 7)
+	}
+	inf := writeTemp(t, initrd)
+	mapper := &recordingMapper{t: t, mem: mem}
+	l, err := LoadELF(mem, kf, int64(len(k)), Config{InitrdFile: inf, Mapper: mapper})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l.InitrdSize != uint64(len(initrd)) || l.InitrdAddr%4096 != 0 {
+		t.Fatalf("initrd at %#x size %d", l.InitrdAddr, l.InitrdSize)
+	}
+	got := make([]byte, len(initrd))
+	if err := mem.ReadAt(got, l.InitrdAddr); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, initrd) {
+		t.Fatal("the guest does not see the initramfs file's bytes")
+	}
+	var mappedInitrd bool
+	for _, c := range mapper.calls {
+		if c[0] == l.InitrdAddr && c[2] == 3*4096 {
+			mappedInitrd = true
+		}
+	}
+	if !mappedInitrd {
+		t.Fatalf("initramfs pages were copied, not mapped: calls %v", mapper.calls)
+	}
+	if _, err := LoadELF(mem, kf, int64(len(k)), Config{Initrd: initrd, InitrdFile: inf}); err == nil {
+		t.Fatal("both Initrd and InitrdFile accepted")
+	}
+}
