@@ -5,7 +5,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -224,7 +223,7 @@ func bootOursToMarker(b *testing.B, f *linuxFixture) (time.Duration, uint64) {
 		b.Fatal(err)
 	}
 	defer vm.Close()
-	if _, err := vm.LoadLinux(LinuxConfig{Kernel: f.kernel.Vmlinux, SetupHeader: f.kernel.SetupHeader, Initrd: f.initrd}); err != nil {
+	if _, err := vm.LoadLinux(LinuxConfig{Kernel: f.kernel.Vmlinux, SetupHeader: f.kernel.SetupHeader, Initrd: f.initrd, Cmdline: os.Getenv("GOSANDBOX_BENCH_CMDLINE")}); err != nil {
 		b.Fatal(err)
 	}
 	if err := vm.Start(); err != nil {
@@ -239,6 +238,7 @@ func bootOursToMarker(b *testing.B, f *linuxFixture) (time.Duration, uint64) {
 	}
 	d := time.Since(start)
 	vm.Wait(context.Background())
+	saveConsole(b, "gosandbox", mw.String())
 	var n uint64
 	for _, e := range vm.Exits() {
 		n += e
@@ -279,7 +279,7 @@ func bootQEMUToMarker(b *testing.B, f *linuxFixture) time.Duration {
 		"-M", "microvm,x-option-roms=off,rtc=off", "-enable-kvm", "-cpu", cpu,
 		"-m", "512", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic",
 		"-serial", "stdio", "-no-reboot",
-		"-kernel", f.kernel.Path, "-initrd", initrd, "-append", BaseCmdline)
+		"-kernel", f.kernel.Path, "-initrd", initrd, "-append", strings.TrimSpace(BaseCmdline+" "+os.Getenv("GOSANDBOX_BENCH_CMDLINE")))
 	cmd.Stdout = mw
 	cmd.Stderr = mw
 	if err := cmd.Start(); err != nil {
@@ -298,6 +298,14 @@ func bootQEMUToMarker(b *testing.B, f *linuxFixture) time.Duration {
 	}
 	cmd.Process.Kill()
 	<-done
-	io.Discard.Write(nil)
+	saveConsole(b, "qemu", mw.String())
 	return d
+}
+
+// saveConsole keeps a boot's console in GOSANDBOX_BENCH_CONSOLE_DIR, if
+// set, to compare boots.
+func saveConsole(b *testing.B, name, con string) {
+	if dir := os.Getenv("GOSANDBOX_BENCH_CONSOLE_DIR"); dir != "" {
+		os.WriteFile(filepath.Join(dir, name+".log"), []byte(con), 0o644)
+	}
 }

@@ -77,7 +77,7 @@ func TestBuildCPUIDTopology(t *testing.T) {
 		{Function: 0xb, Index: 1},
 		{Function: 0xa, EAX: 0x12345},
 	}
-	out := buildCPUID(in, 3, 4)
+	out := buildCPUID(in, 3, 4, true)
 	if apic := out[0].EBX >> 24; apic != 3 {
 		t.Errorf("APIC ID = %d, want 3", apic)
 	}
@@ -86,6 +86,12 @@ func TestBuildCPUIDTopology(t *testing.T) {
 	}
 	if out[0].ECX&cpuidHypervisor == 0 {
 		t.Error("hypervisor bit not set")
+	}
+	if out[0].ECX&cpuidTSCDeadline == 0 {
+		t.Error("TSC-deadline bit not set")
+	}
+	if buildCPUID(in, 0, 1, false)[0].ECX&cpuidTSCDeadline != 0 {
+		t.Error("TSC-deadline bit set without KVM support")
 	}
 	if out[2].EBX != 4 || out[2].EAX != 2 || out[2].EDX != 3 {
 		t.Errorf("leaf 0xB.1 = %+v", out[2])

@@ -61,6 +61,7 @@ const (
 	capPIT2          = 33
 	capIOEventFD     = 36
 	capMaxVCPUs      = 66
+	capTSCDeadline   = 72
 	capSignalMSI     = 77
 	capImmediateExit = 136
 )

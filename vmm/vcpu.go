@@ -56,7 +56,7 @@ func (vm *VM) newVCPU(id, mmapSize int) (*vcpu, error) {
 // setupCPU sets CPUID, MSRs, FPU and the local APIC's LINT pins.
 func (c *vcpu) setupCPU() error {
 	vm := c.vm
-	if err := setCPUID(c.fd, buildCPUID(vm.supportedCPUID, c.id, len(vm.vcpus)+vm.pendingVCPUs())); err != nil {
+	if err := setCPUID(c.fd, buildCPUID(vm.supportedCPUID, c.id, vm.cfg.VCPUs, vm.tscDeadline)); err != nil {
 		return kvmErr("KVM_SET_CPUID2", err)
 	}
 	msrs := bootMSRs()
@@ -84,10 +84,6 @@ func (c *vcpu) setupCPU() error {
 	setLVT(0x360, 4) // LINT1: NMI
 	return kvmErr("KVM_SET_LAPIC", lapicSet(c.fd, l))
 }
-
-// pendingVCPUs is how many vCPUs New is still going to create, so CPUID
-// topology counts them all.
-func (vm *VM) pendingVCPUs() int { return vm.cfg.VCPUs - len(vm.vcpus) }
 
 // GetRegs returns vCPU i's general-purpose registers.
 func (vm *VM) GetRegs(i int) (Regs, error) {

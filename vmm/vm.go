@@ -86,6 +86,7 @@ type VM struct {
 	conlog *RingLog
 
 	supportedCPUID []cpuidEntry
+	tscDeadline    bool // KVM emulates the TSC-deadline timer
 
 	mu      sync.Mutex // guards the fields below
 	phases  Phases
@@ -182,6 +183,9 @@ func newVM(cfg Config, probe bool) (_ *VM, err error) {
 			vm.log.Debug("XSAVE size does not follow XCR0 on this host; hiding XSAVE from the guest", "probe_err", perr)
 			vm.supportedCPUID = maskXSAVE(vm.supportedCPUID)
 		}
+	}
+	if n, _ := ioctl(kfd, kvmCheckExtension, capTSCDeadline); n > 0 {
+		vm.tscDeadline = true
 	}
 	mmapSize, err := ioctl(kfd, kvmGetVCPUMmapSize, 0)
 	if err != nil {
