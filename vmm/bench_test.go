@@ -173,6 +173,14 @@ func (m *markerWriter) String() string {
 // command line, memory and vCPU count), and reports both and their ratio.
 // It needs real KVM; on other hosts it runs inside the emulated KVM host.
 // Target: ours ≤ 0.7× QEMU's.
+//
+// Knobs for investigating boots (environment variables):
+// GOSANDBOX_BENCH_CMDLINE adds kernel parameters to both (e.g. loglevel=7);
+// GOSANDBOX_BENCH_CONSOLE_DIR keeps both consoles there for comparison;
+// GOSANDBOX_BENCH_BZIMAGE=1 makes our VMM boot the bzImage (the guest
+// decompresses itself, as under QEMU); GOSANDBOX_BENCH_VMLINUX_TMP=1 boots a
+// copy of the vmlinux in the temporary directory (mapped, not copied, when
+// the cache is on a network file system such as the emulated host's 9p).
 func BenchmarkBootToInit(b *testing.B) {
 	f := prepareLinuxB(b)
 	if kvmhost.Delegate(b, kvmhost.WithTimeout(40*time.Minute)) {
@@ -223,7 +231,21 @@ func bootOursToMarker(b *testing.B, f *linuxFixture) (time.Duration, uint64) {
 		b.Fatal(err)
 	}
 	defer vm.Close()
-	if _, err := vm.LoadLinux(LinuxConfig{Kernel: f.kernel.Vmlinux, SetupHeader: f.kernel.SetupHeader, Initrd: f.initrd, Cmdline: os.Getenv("GOSANDBOX_BENCH_CMDLINE")}); err != nil {
+	lc := LinuxConfig{Kernel: f.kernel.Vmlinux, SetupHeader: f.kernel.SetupHeader, Initrd: f.initrd, Cmdline: os.Getenv("GOSANDBOX_BENCH_CMDLINE")}
+	if os.Getenv("GOSANDBOX_BENCH_VMLINUX_TMP") != "" {
+		data, err := os.ReadFile(f.kernel.Vmlinux)
+		if err != nil {
+			b.Fatal(err)
+		}
+		lc.Kernel = filepath.Join(b.TempDir(), "vmlinux")
+		if err := os.WriteFile(lc.Kernel, data, 0o444); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if os.Getenv("GOSANDBOX_BENCH_BZIMAGE") != "" {
+		lc.Kernel, lc.SetupHeader = f.kernel.Path, nil // the guest decompresses itself, as under QEMU
+	}
+	if _, err := vm.LoadLinux(lc); err != nil {
 		b.Fatal(err)
 	}
 	if err := vm.Start(); err != nil {

@@ -29,3 +29,34 @@ func mapFileFixed(b []byte, fd uintptr, off int64) error {
 	}
 	return nil
 }
+
+// mmapAnon maps size bytes of anonymous memory starting at a multiple of
+// align: it maps size+align bytes and unmaps the slack at both ends.
+func mmapAnon(size, align uint64) ([]byte, error) {
+	extra := uint64(0)
+	if align > 1 {
+		extra = align
+	}
+	p, err := unix.MmapPtr(-1, 0, nil, uintptr(size+extra), unix.PROT_READ|unix.PROT_WRITE,
+		unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
+	if err != nil {
+		return nil, err
+	}
+	start := uint64(uintptr(p))
+	head := uint64(0)
+	if align > 1 {
+		head = (start+align-1)&^(align-1) - start
+	}
+	if head > 0 {
+		unix.MunmapPtr(p, uintptr(head))
+	}
+	if tail := extra - head; tail > 0 {
+		unix.MunmapPtr(unsafe.Add(p, head+size), uintptr(tail))
+	}
+	return unsafe.Slice((*byte)(unsafe.Add(p, head)), size), nil
+}
+
+// unmap releases a mapping made by mmapAnon.
+func unmap(b []byte) error {
+	return unix.MunmapPtr(unsafe.Pointer(unsafe.SliceData(b)), uintptr(len(b)))
+}

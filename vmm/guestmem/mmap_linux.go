@@ -6,12 +6,26 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-func mapAnon(size uint64) ([]byte, error) {
-	return unix.Mmap(-1, 0, int(size), unix.PROT_READ|unix.PROT_WRITE,
-		unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
-}
+// hugePage is the size of a transparent huge page on x86-64.
+const hugePage = 2 << 20
 
-func unmap(b []byte) error { return unix.Munmap(b) }
+// mapAnon maps size bytes of anonymous memory, 2 MiB aligned when it is
+// at least that large, and asks for transparent huge pages (MADV_HUGEPAGE):
+// with guest-physical and host addresses both 2 MiB aligned, KVM maps guest
+// memory with 2 MiB pages, which spares most of the nested page faults and
+// TLB misses of 4 KiB pages. Where the host has THP disabled, the advice is
+// ignored. The mapping is released with unmap, not unix.Munmap.
+func mapAnon(size uint64) ([]byte, error) {
+	if size < hugePage {
+		return mmapAnon(size, 1)
+	}
+	b, err := mmapAnon(size, hugePage)
+	if err != nil {
+		return nil, err
+	}
+	_ = unix.Madvise(b, unix.MADV_HUGEPAGE)
+	return b, nil
+}
 
 // Magic numbers (statfs f_type) of file systems MapFile does not map from.
 var remoteFS = map[int64]bool{
