@@ -86,6 +86,9 @@ type VM struct {
 	conlog *RingLog
 
 	supportedCPUID []cpuidEntry
+	memReg         <-chan error // result of registerMemory
+	memOnce        sync.Once
+	memErr         error
 	tscDeadline    bool // KVM emulates the TSC-deadline timer
 
 	mu      sync.Mutex // guards the fields below
@@ -167,12 +170,14 @@ func newVM(cfg Config, probe bool) (_ *VM, err error) {
 	if vm.mem, err = guestmem.New(cfg.Memory); err != nil {
 		return nil, err
 	}
-	for i, r := range vm.mem.Regions() {
-		reg := userMemoryRegion{Slot: uint32(i), GuestPhysAddr: r.GPA, MemorySize: r.Size, UserspaceAddr: uint64(r.HostAddr())}
-		if err := setUserMemoryRegion(vm.vmfd, &reg); err != nil {
-			return nil, kvmErr("KVM_SET_USER_MEMORY_REGION", err)
-		}
-	}
+	// Registering guest memory with KVM is the slowest step of New on
+	// some hosts (PVM's shadow MMU allocates per-page metadata up front: 6
+	// ms for 256 MiB), and nothing before the first KVM_RUN needs it: it
+	// runs alongside vCPU creation and kernel loading, and Start (or
+	// release) waits for it.
+	memReg := make(chan error, 1)
+	vm.memReg = memReg
+	go func() { memReg <- vm.registerMemory() }()
 
 	if vm.supportedCPUID, err = getSupportedCPUID(kfd); err != nil {
 		return nil, kvmErr("KVM_GET_SUPPORTED_CPUID", err)
@@ -468,6 +473,26 @@ func (vm *VM) RemoveIoevent(e Ioevent, fd int) error {
 	return kvmErr("KVM_IOEVENTFD deassign", ioctlPtr(vm.vmfd, kvmIOEventFD, &a))
 }
 
+func (vm *VM) registerMemory() error {
+	for i, r := range vm.mem.Regions() {
+		reg := userMemoryRegion{Slot: uint32(i), GuestPhysAddr: r.GPA, MemorySize: r.Size, UserspaceAddr: uint64(r.HostAddr())}
+		if err := setUserMemoryRegion(vm.vmfd, &reg); err != nil {
+			return kvmErr("KVM_SET_USER_MEMORY_REGION", err)
+		}
+	}
+	return nil
+}
+
+// awaitMemory waits for registerMemory and returns its result.
+func (vm *VM) awaitMemory() error {
+	vm.memOnce.Do(func() {
+		if vm.memReg != nil {
+			vm.memErr = <-vm.memReg
+		}
+	})
+	return vm.memErr
+}
+
 // Start runs the vCPUs. The boot vCPU must have been set up (BootLinux or
 // SetupLongMode).
 func (vm *VM) Start() error {
@@ -478,6 +503,9 @@ func (vm *VM) Start() error {
 		return ErrClosed
 	case vm.started:
 		return ErrRunning
+	}
+	if err := vm.awaitMemory(); err != nil {
+		return err
 	}
 	vm.started = true
 	vm.wg.Add(len(vm.vcpus))
@@ -593,6 +621,7 @@ func (vm *VM) Close() error {
 
 func (vm *VM) release() error {
 	var errs []error
+	vm.awaitMemory() // the registration goroutine uses vmfd and the memory
 	for _, c := range vm.vcpus {
 		errs = append(errs, c.close())
 	}
