@@ -32,7 +32,8 @@ func BenchmarkSandbox(b *testing.B) {
 	if kvmhost.Delegate(b, kvmhost.WithTimeout(60*time.Minute)) {
 		return
 	}
-	ctx := context.Background()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
+	defer cancel()
 	b.Run("NewToFirstOutput", func(b *testing.B) {
 		var first, init, agent time.Duration
 		for i := 0; i < b.N; i++ {
@@ -50,6 +51,7 @@ func BenchmarkSandbox(b *testing.B) {
 				b.Fatal(err)
 			}
 			first += fb.at.Sub(start)
+			b.Logf("boot %d: first output after %v; %s", i, fb.at.Sub(start), sb.Phases())
 			ph := sb.Phases()
 			init += ph.ToInit()
 			agent += ph.ToAgentConnected()
@@ -66,6 +68,7 @@ func BenchmarkSandbox(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer sb.Close()
+	b.Logf("%s: %s", sb, sb.Phases())
 	b.Run("RunTrue", func(b *testing.B) {
 		for i := 0; i < b.N; i++ {
 			if res, err := sb.Run(ctx, "true"); err != nil || res.ExitCode != 0 {
