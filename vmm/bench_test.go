@@ -182,7 +182,7 @@ func (m *markerWriter) String() string {
 // copy of the vmlinux in the temporary directory (mapped, not copied, when
 // the cache is on a network file system such as the emulated host's 9p).
 func BenchmarkBootToInit(b *testing.B) {
-	f := prepareLinuxB(b)
+	f := prepareLinux(b)
 	if kvmhost.Delegate(b, kvmhost.WithTimeout(40*time.Minute)) {
 		return
 	}
@@ -198,29 +198,6 @@ func BenchmarkBootToInit(b *testing.B) {
 	b.ReportMetric(theirs.Seconds()/float64(b.N), "qemu-microvm-s")
 	b.ReportMetric(ours.Seconds()/theirs.Seconds(), "ratio")
 	b.ReportMetric(float64(exits)/float64(b.N), "vm-exits/boot")
-}
-
-func prepareLinuxB(b *testing.B) *linuxFixture {
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	defer cancel()
-	k, err := kernel.Default(ctx)
-	if err != nil {
-		b.Fatal(err)
-	}
-	initPath := os.Getenv("GOSANDBOX_TEST_INIT")
-	if initPath == "" {
-		cache, err := os.UserCacheDir()
-		if err != nil {
-			b.Fatal(err)
-		}
-		dir := filepath.Join(cache, "gosandbox", "test", fmt.Sprintf("vmm-bench-%d", os.Getpid()))
-		os.MkdirAll(dir, 0o755)
-		b.Cleanup(func() { os.RemoveAll(dir) })
-		initPath = buildTestInit(b, dir)
-		os.Setenv("GOSANDBOX_TEST_INIT", initPath)
-		b.Cleanup(func() { os.Unsetenv("GOSANDBOX_TEST_INIT") })
-	}
-	return &linuxFixture{kernel: k, initrd: testInitramfs(b, initPath)}
 }
 
 func bootOursToMarker(b *testing.B, f *linuxFixture) (time.Duration, uint64) {

@@ -26,7 +26,7 @@ type linuxFixture struct {
 // into the cache if needed) and builds the test init. It runs on the host
 // before Delegate, so that the run inside the emulated host finds both in
 // the shared cache directory.
-func prepareLinux(t *testing.T) *linuxFixture {
+func prepareLinux(t testing.TB) *linuxFixture {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
@@ -46,7 +46,9 @@ func prepareLinux(t *testing.T) *linuxFixture {
 		}
 		t.Cleanup(func() { os.RemoveAll(dir) })
 		initPath = buildTestInit(t, dir)
-		t.Setenv("GOSANDBOX_TEST_INIT", initPath) // seen by the delegated run
+		// Seen by the delegated run (t.Setenv is not there for benchmarks).
+		os.Setenv("GOSANDBOX_TEST_INIT", initPath)
+		t.Cleanup(func() { os.Unsetenv("GOSANDBOX_TEST_INIT") })
 	}
 	return &linuxFixture{kernel: k, initrd: testInitramfs(t, initPath)}
 }
