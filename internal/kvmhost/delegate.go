@@ -311,7 +311,14 @@ func judgeInner(name, out string, exitCode int, bench bool) verdict {
 		}
 		return verdict{}
 	}
-	if !has(name+"-") && !has(name+" ") && !has(name+"\t") {
+	subResult := false // a benchmark with sub-benchmarks reports only theirs
+	for _, l := range lines {
+		l = strings.TrimSpace(l)
+		if strings.HasPrefix(l, name+"/") && strings.Contains(l, "ns/op") {
+			subResult = true
+		}
+	}
+	if !has(name+"-") && !has(name+" ") && !has(name+"\t") && !subResult {
 		return verdict{failed: true, reason: "no result line for " + name + " in the inner output"}
 	}
 	if !has("PASS") {

@@ -768,6 +768,8 @@ func TestJudgeInner(t *testing.T) {
 		{"subtest pass", "    --- PASS: TestX (0.5s)\n", 0, false, false, false},
 		{"bench", "BenchmarkX-2   \t 100\t 10 ns/op\nPASS\n", 0, true, false, false},
 		{"bench missing", "PASS\n", 0, true, true, false},
+		{"sub-benchmarks", "BenchmarkX\nBenchmarkX/a\nBenchmarkX/a-2 \t 1\t 5 ns/op\nPASS\n", 0, true, false, false},
+		{"sub-benchmark without result", "BenchmarkX\nBenchmarkX/a\nPASS\n", 0, true, true, false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
