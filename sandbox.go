@@ -395,6 +395,10 @@ func (sb *Sandbox) wrap(err error) error {
 	if closed {
 		return fmt.Errorf("%w: %w", ErrClosed, err)
 	}
+	if errors.Is(err, agentclient.ErrClosed) {
+		// The watcher closed the client because the VM ended.
+		err = ErrAgentGone
+	}
 	return sb.guestError(err)
 }
 

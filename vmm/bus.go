@@ -112,46 +112,43 @@ func (b *Bus) findMMIO(addr uint64) MMIODevice {
 func (b *Bus) Port(port uint16, data []byte, write bool) {
 	d := b.findPort(port)
 	if d == nil {
-		if !write {
-			for i := range data {
-				data[i] = 0xff
-			}
-		}
-		b.mu.Lock()
-		b.unhandledPort++
-		b.mu.Unlock()
+		b.unhandled(&b.unhandledPort, data, write)
 		return
 	}
-	if write {
-		d.WritePort(port, data)
-	} else {
-		for i := range data {
-			data[i] = 0xff
-		}
-		d.ReadPort(port, data)
-	}
+	access(data, write, func() { d.ReadPort(port, data) }, func() { d.WritePort(port, data) })
 }
 
 // MMIO performs an MMIO access as the guest would.
 func (b *Bus) MMIO(addr uint64, data []byte, write bool) {
 	d := b.findMMIO(addr)
 	if d == nil {
-		if !write {
-			for i := range data {
-				data[i] = 0xff
-			}
-		}
-		b.mu.Lock()
-		b.unhandledMMIO++
-		b.mu.Unlock()
+		b.unhandled(&b.unhandledMMIO, data, write)
 		return
 	}
+	access(data, write, func() { d.ReadMMIO(addr, data) }, func() { d.WriteMMIO(addr, data) })
+}
+
+// access runs a device's read or write handler; reads start as all ones,
+// so bytes a device leaves alone read as 0xff.
+func access(data []byte, write bool, read, wr func()) {
 	if write {
-		d.WriteMMIO(addr, data)
-	} else {
+		wr()
+		return
+	}
+	for i := range data {
+		data[i] = 0xff
+	}
+	read()
+}
+
+// unhandled counts an access no device claimed; a read of it sees 0xff.
+func (b *Bus) unhandled(counter *uint64, data []byte, write bool) {
+	if !write {
 		for i := range data {
 			data[i] = 0xff
 		}
-		d.ReadMMIO(addr, data)
 	}
+	b.mu.Lock()
+	*counter++
+	b.mu.Unlock()
 }
