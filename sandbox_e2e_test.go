@@ -32,7 +32,7 @@ func newE2E(t *testing.T, opts ...Option) (*Sandbox, *bytes.Buffer) {
 	} else {
 		opts = append(opts, Console(&con))
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
 	e2eBoots++
 	sb, err := New(ctx, opts...)

@@ -26,7 +26,7 @@ import (
 )
 
 // BootTimeout bounds New's boot.
-const BootTimeout = 5 * time.Minute
+const BootTimeout = 15 * time.Minute
 
 // New boots a sandbox with opts and registers its Close with t.Cleanup.
 func New(t testing.TB, opts ...sandbox.Option) *sandbox.Sandbox {

@@ -76,7 +76,9 @@ func (f *linuxFixture) boot(t *testing.T, vcpus int, cmdline string) (*VM, *Exit
 	if err := vm.Start(); err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	// Generous: under emulation on a loaded 2-core machine boots have taken
+	// minutes.
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
 	ex, err := vm.Wait(ctx)
 	if err != nil {
