@@ -7,6 +7,8 @@ import (
 	"log/slog"
 	"strings"
 	"unicode/utf8"
+
+	"github.com/gosandbox/sandbox/image"
 )
 
 // Defaults for options not given.
@@ -31,6 +33,12 @@ type config struct {
 	console    io.Writer
 	logger     *slog.Logger
 	cmdline    string
+
+	imageRef string
+	pullOpts []image.PullOption
+	img      *image.Image
+	store    *image.Store
+	diskSize int64
 }
 
 func defaultConfig() config {

@@ -66,6 +66,9 @@ var (
 	ErrBadWorkingDir = agentclient.ErrBadWorkingDir
 	// ErrAgentGone: the channel to the guest agent broke.
 	ErrAgentGone = agentclient.ErrAgentGone
+	// ErrSetup: the guest could not set up what New asked for (mount the
+	// image, configure the network); the error says what failed.
+	ErrSetup = agentclient.ErrSetup
 	// ErrClosed: the sandbox was closed.
 	ErrClosed = errors.New("sandbox: closed")
 )
@@ -100,6 +103,8 @@ type Sandbox struct {
 	con    *console.Device
 	agent  *agentclient.Client
 	hvclog *vmm.RingLog
+	disks  *rootDisks // nil without an image
+	user   string     // the image's default user spec
 
 	mu        sync.Mutex
 	phases    Phases
@@ -143,12 +148,32 @@ func New(ctx context.Context, opts ...Option) (_ *Sandbox, err error) {
 	}
 
 	sb := &Sandbox{cfg: cfg, log: cfg.logger, hvclog: vmm.NewRingLog(64 << 10), watchDone: make(chan struct{})}
+	env := cfg.env
+	if cfg.imageRef != "" || cfg.img != nil {
+		img, err := resolveImage(ctx, &cfg)
+		if err != nil {
+			return nil, err
+		}
+		if sb.disks, err = imageDisks(img, &cfg); err != nil {
+			return nil, err
+		}
+		env = append(append([]string(nil), sb.disks.command.Env...), cfg.env...)
+		if sb.cfg.workDir == "" {
+			sb.cfg.workDir = sb.disks.command.Dir
+		}
+		if u := sb.disks.command.User; u != "" && u != "root" && u != "0" && u != "0:0" {
+			sb.user = u
+		}
+	}
 	var con io.Writer = sb.hvclog
 	if cfg.console != nil {
 		con = io.MultiWriter(sb.hvclog, cfg.console)
 	}
 	sb.vm, err = vmm.New(vmm.Config{Memory: cfg.memory, VCPUs: cfg.cpus, Console: cfg.console, Logger: cfg.logger})
 	if err != nil {
+		if sb.disks != nil {
+			sb.disks.close()
+		}
 		return nil, err
 	}
 	defer func() {
@@ -170,6 +195,15 @@ func New(ctx context.Context, opts ...Option) (_ *Sandbox, err error) {
 	if _, err = sb.bus.AddVirtio(r); err != nil {
 		r.Close()
 		return nil, err
+	}
+	var root *agentproto.RootConfig
+	if sb.disks != nil {
+		for _, d := range sb.disks.devs {
+			if _, err = sb.bus.AddVirtio(d); err != nil {
+				return nil, err
+			}
+		}
+		root = sb.disks.root
 	}
 	if err = sb.vm.AttachPCI(sb.bus); err != nil {
 		return nil, err
@@ -197,7 +231,8 @@ func New(ctx context.Context, opts ...Option) (_ *Sandbox, err error) {
 		c, err := agentclient.Dial(dctx, sb.con.Port(guest.PortName), agentclient.Options{
 			Logger:   cfg.logger,
 			Hostname: agentproto.Hostname(cfg.name),
-			Env:      cfg.env,
+			Env:      env,
+			Root:     root,
 		})
 		ch <- dialed{c, err}
 	}()
@@ -283,6 +318,11 @@ type Cmd struct {
 	Dir string
 	// UID and GID run the command as that user and group; nil means root.
 	UID, GID *uint32
+	// User is a user spec ("name", "uid", "uid:gid", "name:group")
+	// resolved in the guest against its /etc/passwd and /etc/group; it
+	// applies when UID and GID are nil. "" means the image's user (see
+	// Image), or root.
+	User string
 	// TTY gives the command a terminal of Rows x Cols; its output all
 	// arrives on Stdout.
 	TTY        bool
@@ -326,6 +366,9 @@ func (sb *Sandbox) Exec(ctx context.Context, cmd Cmd) (*Process, error) {
 	}
 	if cmd.Dir == "" {
 		cmd.Dir = sb.cfg.workDir
+	}
+	if cmd.User == "" && cmd.UID == nil && cmd.GID == nil {
+		cmd.User = sb.user
 	}
 	p, err := sb.agent.Exec(ctx, agentclient.Cmd(cmd))
 	if err != nil {
@@ -440,6 +483,9 @@ func (sb *Sandbox) Close() error {
 			errs = append(errs, sb.bus.Close())
 		} else if sb.con != nil {
 			errs = append(errs, sb.con.Close())
+		}
+		if sb.disks != nil {
+			errs = append(errs, sb.disks.close())
 		}
 		if sb.vm != nil {
 			errs = append(errs, sb.vm.Close())

@@ -37,6 +37,11 @@ func newE2E(t *testing.T, opts ...Option) (*Sandbox, *bytes.Buffer) {
 	e2eBoots++
 	sb, err := New(ctx, opts...)
 	if err != nil {
+		if why, ok := kvmhost.GuestEmulatorFault(con.String()); ok {
+			if mode, _ := kvmhost.Detect(); mode == kvmhost.Inside {
+				t.Logf("%s %s", kvmhost.EmulatorFaultMarker, why)
+			}
+		}
 		t.Fatalf("New: %v\nconsole:\n%s", err, con.String())
 	}
 	t.Logf("%s: %s", sb, sb.Phases())
@@ -331,5 +336,8 @@ func reportEmulatorFault(t *testing.T, mode kvmhost.Mode, sb *Sandbox) {
 	}
 	if ex, err := sb.vm.Wait(context.Background()); err == nil && ex.Reason == vmm.ExitTripleFault {
 		t.Logf("%s the guest triple-faulted inside the emulated KVM host: %v", kvmhost.EmulatorFaultMarker, ex)
+	}
+	if why, ok := kvmhost.GuestEmulatorFault(string(sb.vm.ConsoleLog()) + string(sb.hvclog.Bytes())); ok {
+		t.Logf("%s %s", kvmhost.EmulatorFaultMarker, why)
 	}
 }

@@ -103,6 +103,11 @@ func TestLinux(t *testing.T) {
 		t.Run(fmt.Sprintf("vcpus=%d", n), func(t *testing.T) {
 			boots++
 			vm, ex, con := f.boot(t, n, "")
+			if why, ok := kvmhost.GuestEmulatorFault(con); ok && ex.Reason != ExitPoweroff {
+				if mode, _ := kvmhost.Detect(); mode == kvmhost.Inside {
+					t.Logf("%s %s", kvmhost.EmulatorFaultMarker, why)
+				}
+			}
 			if ex.Reason != ExitPoweroff {
 				t.Fatalf("exit = %v, want poweroff\nconsole:\n%s", ex, con)
 			}

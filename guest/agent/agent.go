@@ -34,10 +34,12 @@ type Options struct {
 	// Env is the base environment of every exec; nil means DefaultEnv().
 	// The host's Config.Env and the exec's own Env are merged over it.
 	Env []string
-	// Setup applies the host's Config (clock, hostname) before the agent
-	// reports Ready, and returns warnings for steps that failed. Nil
-	// applies nothing (for an agent that is not PID 1).
-	Setup func(agentproto.Config) []string
+	// Setup applies the host's Config (clock, hostname, root file system,
+	// network) before the agent reports Ready, and returns warnings for
+	// steps that failed harmlessly. An error means the sandbox is unusable:
+	// the agent reports it in Ready.Failed and Serve returns a
+	// *SetupFailed. Nil applies nothing (for an agent that is not PID 1).
+	Setup func(agentproto.Config) ([]string, error)
 	// Reaper, if set, is the PID 1 reaper the agent starts processes
 	// through. Nil waits for each child by its pid, which is right for an
 	// agent that shares its process with other code (tests).
@@ -60,6 +62,18 @@ type Options struct {
 
 // ErrChannelClosed means the host end of the channel went away.
 var ErrChannelClosed = errors.New("agent: channel to the host closed")
+
+// SetupFailed is the error Serve returns when Options.Setup failed; the
+// host was told.
+type SetupFailed struct {
+	Err error
+}
+
+// Error implements error.
+func (s *SetupFailed) Error() string { return "agent: setup failed: " + s.Err.Error() }
+
+// Unwrap returns the setup error.
+func (s *SetupFailed) Unwrap() error { return s.Err }
 
 // ShutdownRequest is the error Serve returns when the host asked the guest
 // to power off (Reboot false) or reboot. The caller does it.
@@ -209,8 +223,9 @@ func (s *server) serve() error {
 		return err
 	}
 	var warnings []string
+	var setupErr error
 	if s.opts.Setup != nil {
-		warnings = s.opts.Setup(cfg)
+		warnings, setupErr = s.opts.Setup(cfg)
 	}
 	if len(warnings) > 64 {
 		warnings = warnings[:64]
@@ -229,8 +244,18 @@ func (s *server) serve() error {
 		host = ""
 	}
 	ready := &agentproto.Ready{Version: cfg.Version, Hostname: strings.ToValidUTF8(host, "?"), Kernel: unix.ByteSliceToString(uts.Release[:]), Warnings: warnings}
+	if setupErr != nil {
+		msg := strings.ReplaceAll(strings.ToValidUTF8(setupErr.Error(), "?"), "\x00", "")
+		if len(msg) > agentproto.MaxMessage {
+			msg = msg[:agentproto.MaxMessage]
+		}
+		ready.Failed = msg
+	}
 	if err := s.sendPayload(agentproto.TypeReady, 0, ready); err != nil {
 		return err
+	}
+	if setupErr != nil {
+		return &SetupFailed{Err: setupErr}
 	}
 	s.log.Debug("agent ready", "version", cfg.Version)
 	for {

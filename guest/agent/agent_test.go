@@ -56,7 +56,7 @@ func TestSetupAndHostErrors(t *testing.T) {
 	go func() {
 		done <- Serve(context.Background(), guest, Options{
 			Env:   []string{"PATH=" + bin},
-			Setup: func(c agentproto.Config) []string { got = c; return []string{"clock: not allowed"} },
+			Setup: func(c agentproto.Config) ([]string, error) { got = c; return []string{"clock: not allowed"}, nil },
 		})
 	}()
 	r := hostSide(t, host, agentproto.Config{Version: 1, TimeUnixNano: 5, Hostname: "box", Env: []string{"A=1"}})

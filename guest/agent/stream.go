@@ -271,7 +271,16 @@ func (s *server) start(st *stream, req *agentproto.ExecRequest) *agentproto.Spaw
 		}
 	}
 	sys := &syscall.SysProcAttr{Setsid: true}
-	if req.UID != nil || req.GID != nil {
+	if req.User != "" && req.UID == nil && req.GID == nil {
+		u, err := resolveUser(req.User, readDB("/etc/passwd"), readDB("/etc/group"))
+		if err != nil {
+			return spawnErr(agentproto.SpawnOther, 0, "%v", err)
+		}
+		sys.Credential = &syscall.Credential{Uid: u.uid, Gid: u.gid, Groups: u.groups}
+		if _, ok := lookupEnv(req.Env, "HOME"); !ok && u.home != "" {
+			env = mergeEnv(env, []string{"HOME=" + u.home})
+		}
+	} else if req.UID != nil || req.GID != nil {
 		cred := &syscall.Credential{}
 		if req.UID != nil {
 			cred.Uid = *req.UID

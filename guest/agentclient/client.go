@@ -44,7 +44,24 @@ var (
 	// ErrBadWorkingDir means Cmd.Dir does not exist or is not a directory
 	// in the guest.
 	ErrBadWorkingDir = errors.New("agentclient: working directory does not exist in the guest")
+	// ErrSetup means the guest could not apply the boot setup the host
+	// asked for (Options.Root or Options.Net); see *SetupError.
+	ErrSetup = errors.New("agentclient: the guest could not set up the sandbox")
 )
+
+// SetupError is the error of a Dial whose boot setup failed in the guest
+// (mounting the image, configuring the network).
+type SetupError struct {
+	Message string // the guest's description
+}
+
+// Error implements error.
+func (e *SetupError) Error() string {
+	return "agentclient: guest setup failed: " + e.Message
+}
+
+// Is matches ErrSetup.
+func (e *SetupError) Is(target error) bool { return target == ErrSetup }
 
 // SpawnError is the error of an Exec whose process could not be started.
 type SpawnError struct {
@@ -92,6 +109,10 @@ type Options struct {
 	// Now gives the time the guest's clock is set to; nil means
 	// time.Now. Return the zero time to leave the guest clock alone.
 	Now func() time.Time
+	// Root, if set, makes the guest boot into an image.
+	Root *agentproto.RootConfig
+	// Net, if set, configures the guest's network interface.
+	Net *agentproto.NetConfig
 	// Window is the output credit granted to each exec, in bytes: the
 	// most output the client buffers per exec; 0 means
 	// agentproto.DefaultWindow.
@@ -189,7 +210,7 @@ func (c *Client) handshake() error {
 	if c.opts.Now != nil {
 		now = c.opts.Now
 	}
-	cfg := &agentproto.Config{Version: v, Hostname: c.opts.Hostname, Env: c.opts.Env}
+	cfg := &agentproto.Config{Version: v, Hostname: c.opts.Hostname, Env: c.opts.Env, Root: c.opts.Root, Net: c.opts.Net}
 	if t := now(); !t.IsZero() && t.UnixNano() > 0 {
 		cfg.TimeUnixNano = t.UnixNano()
 	}
@@ -212,6 +233,9 @@ func (c *Client) handshake() error {
 	}
 	if c.ready.Version != v {
 		return c.gone(fmt.Errorf("%w: agent answered version %d, want %d", agentproto.ErrProtocol, c.ready.Version, v))
+	}
+	if c.ready.Failed != "" {
+		return &SetupError{Message: c.ready.Failed}
 	}
 	c.log.Debug("agent ready", "version", v, "kernel", c.ready.Kernel, "warnings", c.ready.Warnings)
 	return nil

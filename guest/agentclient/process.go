@@ -24,6 +24,10 @@ type Cmd struct {
 	// UID and GID run the process as that user and group; nil means root
 	// (a nil GID with a UID set means the group with the UID's number).
 	UID, GID *uint32
+	// User is a user spec ("name", "uid", "uid:gid", "name:group")
+	// resolved in the guest against its /etc/passwd and /etc/group; it
+	// applies when UID and GID are nil.
+	User string
 	// TTY gives the process a pseudo-terminal of Rows x Cols for
 	// stdin, stdout and stderr; its output arrives on Stdout only.
 	TTY        bool
@@ -97,7 +101,7 @@ type outQueue struct {
 // ErrBadWorkingDir).
 func (c *Client) Exec(ctx context.Context, cmd Cmd) (*Process, error) {
 	req := &agentproto.ExecRequest{
-		Argv: cmd.Args, Env: cmd.Env, Dir: cmd.Dir, UID: cmd.UID, GID: cmd.GID,
+		Argv: cmd.Args, Env: cmd.Env, Dir: cmd.Dir, UID: cmd.UID, GID: cmd.GID, User: cmd.User,
 		TTY: cmd.TTY, Rows: cmd.Rows, Cols: cmd.Cols, Stdin: cmd.Stdin != nil, Window: c.opts.Window,
 	}
 	if err := req.Validate(); err != nil {

@@ -110,6 +110,10 @@ type Config struct {
 	TimeUnixNano int64    `json:"time_unix_nano"` // host wall clock; 0 leaves the guest clock alone
 	Hostname     string   `json:"hostname,omitempty"`
 	Env          []string `json:"env,omitempty"` // added to every exec's environment
+	// Root, if set, boots the guest into an image (see RootConfig).
+	Root *RootConfig `json:"root,omitempty"`
+	// Net, if set, configures the network interface (see NetConfig).
+	Net *NetConfig `json:"net,omitempty"`
 }
 
 // Validate implements Payload.
@@ -123,6 +127,16 @@ func (c *Config) Validate() error {
 	if err := ValidHostname(c.Hostname); err != nil {
 		return err
 	}
+	if c.Root != nil {
+		if err := c.Root.Validate(); err != nil {
+			return err
+		}
+	}
+	if c.Net != nil {
+		if err := c.Net.Validate(); err != nil {
+			return err
+		}
+	}
 	return checkEnv(c.Env)
 }
 
@@ -132,6 +146,10 @@ type Ready struct {
 	Hostname string   `json:"hostname,omitempty"`
 	Kernel   string   `json:"kernel,omitempty"`   // uname release
 	Warnings []string `json:"warnings,omitempty"` // setup steps that failed but did not stop the agent
+	// Failed is set when a setup step the sandbox cannot do without (the
+	// root file system, the network) failed. The agent serves nothing
+	// after it; the host reports it as a setup error.
+	Failed string `json:"failed,omitempty"`
 }
 
 // Validate implements Payload.
@@ -143,6 +161,9 @@ func (r *Ready) Validate() error {
 		return err
 	}
 	if err := checkString("kernel", r.Kernel, MaxMessage); err != nil {
+		return err
+	}
+	if err := checkString("failed", r.Failed, MaxMessage); err != nil {
 		return err
 	}
 	if len(r.Warnings) > 64 {
@@ -158,16 +179,20 @@ func (r *Ready) Validate() error {
 
 // ExecRequest starts a process in the guest.
 type ExecRequest struct {
-	Argv   []string `json:"argv"`          // argv[0] is looked up in PATH unless it contains a slash
-	Env    []string `json:"env,omitempty"` // merged over the guest's base environment
-	Dir    string   `json:"dir,omitempty"` // working directory; "" is /
-	UID    *uint32  `json:"uid,omitempty"` // nil: the agent's (root)
-	GID    *uint32  `json:"gid,omitempty"`
-	TTY    bool     `json:"tty,omitempty"` // a pseudo-terminal for stdin/stdout/stderr
-	Rows   uint16   `json:"rows,omitempty"`
-	Cols   uint16   `json:"cols,omitempty"`
-	Stdin  bool     `json:"stdin,omitempty"`  // the host will send stdin; otherwise stdin is /dev/null (or an idle TTY)
-	Window uint32   `json:"window,omitempty"` // stdout+stderr credit the host grants; 0 means DefaultWindow
+	Argv []string `json:"argv"`          // argv[0] is looked up in PATH unless it contains a slash
+	Env  []string `json:"env,omitempty"` // merged over the guest's base environment
+	Dir  string   `json:"dir,omitempty"` // working directory; "" is /
+	UID  *uint32  `json:"uid,omitempty"` // nil: the agent's (root)
+	GID  *uint32  `json:"gid,omitempty"`
+	// User is a user spec resolved by the guest against its /etc/passwd
+	// and /etc/group ("name", "uid", "uid:gid", "name:group"); it applies
+	// where UID and GID are nil.
+	User   string `json:"user,omitempty"`
+	TTY    bool   `json:"tty,omitempty"` // a pseudo-terminal for stdin/stdout/stderr
+	Rows   uint16 `json:"rows,omitempty"`
+	Cols   uint16 `json:"cols,omitempty"`
+	Stdin  bool   `json:"stdin,omitempty"`  // the host will send stdin; otherwise stdin is /dev/null (or an idle TTY)
+	Window uint32 `json:"window,omitempty"` // stdout+stderr credit the host grants; 0 means DefaultWindow
 }
 
 // Validate implements Payload.
@@ -187,6 +212,9 @@ func (e *ExecRequest) Validate() error {
 		return err
 	}
 	if err := checkString("dir", e.Dir, 4096); err != nil {
+		return err
+	}
+	if err := checkString("user", e.User, MaxUserSpec); err != nil {
 		return err
 	}
 	if e.Window > MaxWindow {

@@ -78,6 +78,20 @@ const crashRetries = 2
 // most crashRetries times). Under hardware KVM nothing logs it.
 const EmulatorFaultMarker = "kvmhost: emulator fault:"
 
+// GuestEmulatorFault reports whether a guest console log shows a fault
+// that, inside the emulated host, comes from the emulator and not from
+// the code under test, and what it was: a kernel Oops on an int3 (a CPU
+// executing a breakpoint byte after live code patching completed, which
+// the patching protocol rules out on hardware; QEMU's emulated nested
+// paging has shown stale code under it). Tests call it only in mode
+// Inside and log EmulatorFaultMarker with the reason.
+func GuestEmulatorFault(console string) (string, bool) {
+	if strings.Contains(console, "Oops: int3") {
+		return "the guest kernel hit a stale int3 (live code patching seen incoherently by another vCPU)", true
+	}
+	return "", false
+}
+
 // Delegate makes a test that needs real KVM run where real KVM is.
 //
 // With hardware KVM, or inside the outer VM already, it logs the mode and

@@ -127,6 +127,14 @@ func (p *plan) setupScript() string {
 	w(`$B mount -t proc proc $R/proc || fail "cannot mount /proc"`)
 	w(`$B mount -t sysfs sysfs $R/sys || fail "cannot mount /sys"`)
 	w(`$B mount -t devtmpfs devtmpfs $R/dev || fail "cannot mount /dev"`)
+	// Keep the outer kernel from moving guest pages around while the
+	// emulated SVM runs nested guests: transparent huge page collapse,
+	// compaction and NUMA balancing remap pages under a running L2 guest,
+	// the path on which stale translations have been seen.
+	w(`$B echo never >$R/sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null`)
+	w(`$B echo never >$R/sys/kernel/mm/transparent_hugepage/defrag 2>/dev/null`)
+	w(`$B echo 0 >$R/proc/sys/vm/compaction_proactiveness 2>/dev/null`)
+	w(`$B echo 0 >$R/proc/sys/kernel/numa_balancing 2>/dev/null`)
 	w(`$B mkdir -p $R/dev/pts $R/dev/shm`)
 	w(`$B mount -t devpts -o newinstance,ptmxmode=0666 devpts $R/dev/pts || fail "cannot mount /dev/pts"`)
 	w(`$B mount -t tmpfs -o mode=1777 shm $R/dev/shm || fail "cannot mount /dev/shm"`)

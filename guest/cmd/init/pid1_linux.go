@@ -134,8 +134,10 @@ func findPort(root, name string, wait time.Duration) (string, error) {
 	}
 }
 
-// setup applies the host's Config: clock and hostname.
-func setup(cfg agentproto.Config) []string {
+// setup applies the host's Config: clock, hostname, the image root and
+// the network. Failing to set up the root or the network is fatal (the
+// host reports it); the clock and hostname are warnings.
+func setup(cfg agentproto.Config) ([]string, error) {
 	var warnings []string
 	if cfg.TimeUnixNano > 0 {
 		tv := unix.NsecToTimeval(cfg.TimeUnixNano)
@@ -147,9 +149,22 @@ func setup(cfg agentproto.Config) []string {
 		if err := unix.Sethostname([]byte(cfg.Hostname)); err != nil {
 			warnings = append(warnings, "set hostname: "+err.Error())
 		}
+	}
+	if cfg.Root != nil {
+		if err := setupRoot(cfg.Root); err != nil {
+			return warnings, fmt.Errorf("root file system: %w", err)
+		}
+	}
+	if cfg.Hostname != "" {
+		_ = os.MkdirAll("/etc", 0o755)
 		_ = os.WriteFile("/etc/hostname", []byte(cfg.Hostname+"\n"), 0o644)
 	}
-	return warnings
+	if cfg.Net != nil {
+		if err := setupNet(cfg.Net, cfg.Hostname); err != nil {
+			return warnings, fmt.Errorf("network: %w", err)
+		}
+	}
+	return warnings, nil
 }
 
 // powerOff ends the guest. The VMM gives the guest no ACPI, so a real
@@ -255,6 +270,13 @@ func pid1() {
 		Agent:  "gosandbox-init",
 	})
 	var sd *agent.ShutdownRequest
+	var sf *agent.SetupFailed
+	if errors.As(err, &sf) {
+		// The host was told; give it a moment to read the answer.
+		log.Error("setup failed; powering off", "err", sf.Err)
+		time.Sleep(100 * time.Millisecond)
+		powerOff(log, false)
+	}
 	if errors.As(err, &sd) {
 		log.Debug("shutdown requested", "reboot", sd.Reboot)
 		powerOff(log, sd.Reboot)

@@ -1,0 +1,180 @@
+package sandbox
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+
+	"github.com/gosandbox/sandbox/guest/agentproto"
+	"github.com/gosandbox/sandbox/image"
+	"github.com/gosandbox/sandbox/image/ext4"
+	"github.com/gosandbox/sandbox/virtio/blk"
+)
+
+// Image boots the sandbox from an OCI image instead of the built-in
+// userland: ref is pulled into the image cache (package image) unless it is
+// there already, each layer is attached as a read-only block device, and the
+// guest stacks them with overlayfs under a writable layer (a tmpfs, or a
+// disk with DiskSize). The image's Env, WorkingDir and User become the
+// sandbox's defaults; Env and WorkDir options apply on top.
+//
+// Pulling uses the Docker credential helpers and config for
+// authentication; pass image.WithProgress, image.WithPolicy,
+// image.WithCredentials or image.WithInsecure as pull options.
+func Image(ref string, opts ...image.PullOption) Option {
+	return func(c *config) error {
+		if ref == "" {
+			return &OptionError{"Image", "empty reference"}
+		}
+		if c.img != nil {
+			return &OptionError{"Image", "an image was given already"}
+		}
+		c.imageRef, c.pullOpts = ref, opts
+		return nil
+	}
+}
+
+// FromImage boots the sandbox from an image already in a Store (from
+// Store.Pull, Get or Load), as Image does.
+func FromImage(img *image.Image) Option {
+	return func(c *config) error {
+		if img == nil || len(img.Layers) == 0 {
+			return &OptionError{"FromImage", "nil image or an image without layers"}
+		}
+		if c.imageRef != "" {
+			return &OptionError{"FromImage", "an image reference was given already"}
+		}
+		c.img = img
+		return nil
+	}
+}
+
+// ImageStore sets the image cache Image pulls into; by default New opens
+// the user's cache (image.Open()).
+func ImageStore(s *image.Store) Option {
+	return func(c *config) error {
+		if s == nil {
+			return &OptionError{"ImageStore", "nil store"}
+		}
+		c.store = s
+		return nil
+	}
+}
+
+// DiskSize puts an image's writable layer on a sparse ext4 disk of size
+// bytes, kept in a temporary file on the host and removed by Close,
+// instead of a tmpfs in guest memory. Only the blocks written use host
+// disk space.
+func DiskSize(bytes int64) Option {
+	return func(c *config) error {
+		if bytes < ext4.MinSize || bytes > ext4.MaxSize {
+			return &OptionError{"DiskSize", fmt.Sprintf("%d bytes, want %d..%d", bytes, int64(ext4.MinSize), int64(ext4.MaxSize))}
+		}
+		c.diskSize = bytes
+		return nil
+	}
+}
+
+// rootDisks holds the host side of an image root: the open layer files,
+// the block devices over them and the upper disk.
+type rootDisks struct {
+	files   []*os.File
+	devs    []*blk.Device
+	tmpDir  string
+	root    *agentproto.RootConfig
+	command image.Command
+}
+
+func (r *rootDisks) close() error {
+	var errs []error
+	for _, d := range r.devs {
+		errs = append(errs, d.Close())
+	}
+	for _, f := range r.files {
+		errs = append(errs, f.Close())
+	}
+	if r.tmpDir != "" {
+		errs = append(errs, os.RemoveAll(r.tmpDir))
+	}
+	return errors.Join(errs...)
+}
+
+// resolveImage pulls or takes the configured image.
+func resolveImage(ctx context.Context, cfg *config) (*image.Image, error) {
+	if cfg.img != nil {
+		return cfg.img, nil
+	}
+	st := cfg.store
+	if st == nil {
+		var err error
+		if st, err = image.Open(image.WithLogger(cfg.logger)); err != nil {
+			return nil, err
+		}
+		defer st.Close()
+	}
+	img, err := st.Pull(ctx, cfg.imageRef, cfg.pullOpts...)
+	if err != nil {
+		return nil, fmt.Errorf("sandbox: image %s: %w", cfg.imageRef, err)
+	}
+	return img, nil
+}
+
+// imageDisks opens the layer images of img and makes the block devices;
+// the caller attaches them and closes r when done.
+func imageDisks(img *image.Image, cfg *config) (_ *rootDisks, err error) {
+	r := &rootDisks{root: &agentproto.RootConfig{}}
+	defer func() {
+		if err != nil {
+			r.close()
+		}
+	}()
+	cmd, err := img.Command(image.Overrides{})
+	if err != nil {
+		return nil, err
+	}
+	r.command = cmd
+	paths := img.LayerPaths()
+	if len(paths) > agentproto.MaxLayers {
+		return nil, fmt.Errorf("sandbox: image has %d layers, at most %d can be stacked", len(paths), agentproto.MaxLayers)
+	}
+	for i, p := range paths {
+		f, err := os.Open(p)
+		if err != nil {
+			return nil, fmt.Errorf("sandbox: layer %d of the image: %w (the image cache may have been pruned; pull again)", i, err)
+		}
+		r.files = append(r.files, f)
+		serial := "L" + strconv.Itoa(i)
+		d, err := blk.New(f, blk.Options{ReadOnly: true, Serial: serial, Logger: cfg.logger})
+		if err != nil {
+			return nil, err
+		}
+		r.devs = append(r.devs, d)
+		r.root.Layers = append(r.root.Layers, serial)
+	}
+	if cfg.diskSize > 0 {
+		if r.tmpDir, err = os.MkdirTemp("", "gosandbox-disk-"); err != nil {
+			return nil, err
+		}
+		p := filepath.Join(r.tmpDir, "upper.ext4")
+		if err := ext4.CreateFile(p, cfg.diskSize, ext4.Options{}); err != nil {
+			return nil, err
+		}
+		f, err := os.OpenFile(p, os.O_RDWR, 0)
+		if err != nil {
+			return nil, err
+		}
+		r.files = append(r.files, f)
+		// The file stays open; its name can go now.
+		os.Remove(p)
+		d, err := blk.New(f, blk.Options{Serial: "upper", Logger: cfg.logger})
+		if err != nil {
+			return nil, err
+		}
+		r.devs = append(r.devs, d)
+		r.root.Upper = "upper"
+	}
+	return r, nil
+}
