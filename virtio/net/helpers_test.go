@@ -68,7 +68,7 @@ func (b *recBackend) all() []delivered {
 // discardBackend accepts and forgets frames.
 type discardBackend struct{}
 
-func (discardBackend) DeliverFrame([]byte) error                           { return nil }
+func (discardBackend) DeliverFrame([]byte) error                          { return nil }
 func (discardBackend) DeliverFrameOffload([]byte, netstack.Offload) error { return nil }
 
 func newDevice(t testing.TB, b vnet.Backend, opts vnet.Options) *vnet.Device {
