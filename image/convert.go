@@ -334,6 +334,10 @@ type LayerStats struct {
 	// hold (system.*, e.g. POSIX ACLs) and trusted.overlay.* set by the
 	// layer itself.
 	DroppedXattrs int
+	// OpaqueDirs counts opaque directory markers (".wh..wh..opq"). A
+	// layer with any needs a per-image variant of its SquashFS image for
+	// guest kernels without SquashFS xattrs (see the package doc).
+	OpaqueDirs int
 }
 
 type countHash struct {
@@ -358,17 +362,50 @@ func (c *countHash) Write(p []byte) (int, error) { c.n += int64(len(p)); return 
 //
 // opts tune the SquashFS writer (block size, zlib level, concurrency).
 func ConvertLayer(ctx context.Context, r io.Reader, out io.WriterAt, opts ...squashfs.Option) (LayerStats, error) {
+	return convertLayer(ctx, r, out, convConfig{sq: opts})
+}
+
+// convConfig holds what the Store adds to ConvertLayer.
+type convConfig struct {
+	sq []squashfs.Option
+	// index, when set, receives the layer index (see index.go).
+	index io.Writer
+	// whiteouts are extra whiteouts (clean relative paths) to add to the
+	// image: the variant of a layer with opaque directories.
+	whiteouts []string
+}
+
+func indexKind(k entryKind) byte {
+	switch k {
+	case kindDir:
+		return idxDir
+	case kindWhiteout:
+		return idxWhiteout
+	case kindOpaque:
+		return idxOpaque
+	}
+	return idxFile
+}
+
+func convertLayer(ctx context.Context, r io.Reader, out io.WriterAt, cc convConfig) (LayerStats, error) {
 	var st LayerStats
 	ch := &countHash{h: sha256.New()}
 	tee := io.TeeReader(r, ch)
-	w, err := squashfs.NewWriter(out, opts...)
+	w, err := squashfs.NewWriter(out, cc.sq...)
 	if err != nil {
 		return st, err
+	}
+	var iw *indexWriter
+	if cc.index != nil {
+		iw = newIndexWriter(cc.index)
 	}
 	var opaque []string
 	err = walkTar(ctx, tee, func(e *layerEntry, data io.Reader) error {
 		if estargzMeta[e.Path] {
 			return nil
+		}
+		if iw != nil {
+			iw.add(indexKind(e.Kind), e.Path)
 		}
 		st.Entries++
 		st.DroppedXattrs += e.Dropped
@@ -413,6 +450,20 @@ func ConvertLayer(ctx context.Context, r io.Reader, out io.WriterAt, opts ...squ
 	for _, p := range opaque {
 		if err := w.SetXattr(p, OverlayOpaqueXattr, []byte("y")); err != nil {
 			return st, &LayerError{Path: p, Err: mapWriterErr(err)}
+		}
+	}
+	st.OpaqueDirs = len(opaque)
+	for _, p := range cc.whiteouts {
+		if w.Exists(p) {
+			continue
+		}
+		if err := w.Add(squashfs.Entry{Path: p, Type: squashfs.TypeCharDev}, nil); err != nil {
+			return st, &LayerError{Path: p, Err: mapWriterErr(err)}
+		}
+	}
+	if iw != nil {
+		if err := iw.finish(); err != nil {
+			return st, err
 		}
 	}
 	size, err := w.Finish()

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"testing"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -60,8 +59,11 @@ func TestMultiProcessPull(t *testing.T) {
 			t.Errorf("%s: %v", r, err)
 		}
 	}
-	if ents, _ := os.ReadDir(filepath.Join(root, "layers", "sha256")); len(ents) != 3 {
-		t.Errorf("%d layer images, want 3 (base shared)", len(ents))
+	if n := countFiles(t, root, "layers/sha256", ".sqfs"); n != 3 {
+		t.Errorf("%d layer images, want 3 (base shared)", n)
+	}
+	if n := countFiles(t, root, "layers/chain", ".sqfs"); n != 1 {
+		t.Errorf("%d chain variants, want 1 (mp:1's top layer)", n)
 	}
 	assertNoScratch(t, s)
 }

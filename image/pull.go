@@ -294,8 +294,10 @@ func remoteErr(ref string, err error) error {
 	return fmt.Errorf("image: pull %s: %w", ref, err)
 }
 
-// importLayers makes sure every layer's blob and SquashFS image are in the
-// cache, fetching missing ones with fetch, s.jobs at a time.
+// importLayers makes sure every layer's blob, SquashFS image and index are
+// in the cache, fetching missing ones with fetch, s.jobs at a time, and then
+// that every layer with opaque directories has its variant for this image
+// (makeVariants), which sets the layers' ChainID and Path.
 func (s *Store) importLayers(ctx context.Context, ref string, img *Image, progress func(Progress), fetch func(context.Context, *Layer) (io.ReadCloser, error)) error {
 	var pmu sync.Mutex
 	report := func(p Progress) {
@@ -342,7 +344,10 @@ func (s *Store) importLayers(ctx context.Context, ref string, img *Image, progre
 	if first != nil {
 		return first
 	}
-	return ctx.Err()
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	return s.makeVariants(ctx, img)
 }
 
 func (s *Store) importLayer(ctx context.Context, l *Layer, report func(Progress), fetch func(context.Context, *Layer) (io.ReadCloser, error)) error {
@@ -350,7 +355,18 @@ func (s *Store) importLayer(ctx context.Context, l *Layer, report func(Progress)
 	if err != nil {
 		return err
 	}
-	if exists(blob) && exists(l.Path) {
+	idx, err := s.indexPath(l.DiffID)
+	if err != nil {
+		return err
+	}
+	cached := func() bool {
+		if !exists(blob) || !exists(l.Path) {
+			return false
+		}
+		_, err := indexOpaqueCount(idx)
+		return err == nil
+	}
+	if cached() {
 		report(Progress{Layer: l.Digest, Done: l.Size, Total: l.Size, Cached: true})
 		return nil
 	}
@@ -360,7 +376,7 @@ func (s *Store) importLayer(ctx context.Context, l *Layer, report func(Progress)
 		return err
 	}
 	defer unlock()
-	if exists(blob) && exists(l.Path) { // another process finished it
+	if cached() { // another process finished it
 		report(Progress{Layer: l.Digest, Done: l.Size, Total: l.Size, Cached: true})
 		return nil
 	}
@@ -404,9 +420,22 @@ func (s *Store) importLayer(ctx context.Context, l *Layer, report func(Progress)
 			discard(sq)
 		}
 	}()
+	ix, err := s.tempFile("index-*")
+	if err != nil {
+		return err
+	}
+	ixDone := false
+	defer func() {
+		if !ixDone {
+			discard(ix)
+		}
+	}()
 
 	abort := func() { _ = src.Close() } // unblocks a stalled download when conversion fails
-	st, convErr := convertCompressed(ctx, in, sq, abort, squashfs.WithCompressionLevel(s.level))
+	st, convErr := convertCompressed(ctx, in, sq, abort, convConfig{
+		sq:    []squashfs.Option{squashfs.WithCompressionLevel(s.level)},
+		index: ix,
+	})
 	// Read what the converter left (compressed trailers) so the digest
 	// covers the whole blob.
 	if convErr == nil {
@@ -438,6 +467,10 @@ func (s *Store) importLayer(ctx context.Context, l *Layer, report func(Progress)
 		if err := commit(f, blob); err != nil {
 			return err
 		}
+	}
+	ixDone = true
+	if err := commit(ix, idx); err != nil {
+		return err
 	}
 	sqDone = true
 	if err := commit(sq, l.Path); err != nil {
@@ -472,7 +505,7 @@ func (p *progressReader) flush() {
 
 // convertCompressed detects gzip, zstd or plain tar by magic number and
 // converts the layer.
-func convertCompressed(ctx context.Context, r io.Reader, out io.WriterAt, abort func(), opts ...squashfs.Option) (LayerStats, error) {
+func convertCompressed(ctx context.Context, r io.Reader, out io.WriterAt, abort func(), cc convConfig) (LayerStats, error) {
 	br := bufio.NewReaderSize(r, 64<<10)
 	magic, _ := br.Peek(4)
 	switch {
@@ -483,7 +516,7 @@ func convertCompressed(ctx context.Context, r io.Reader, out io.WriterAt, abort 
 		}
 		defer zr.Close()
 		pr, stop := decouple(zr)
-		st, err := ConvertLayer(ctx, pr, out, opts...)
+		st, err := convertLayer(ctx, pr, out, cc)
 		if err != nil && abort != nil {
 			abort()
 		}
@@ -501,7 +534,7 @@ func convertCompressed(ctx context.Context, r io.Reader, out io.WriterAt, abort 
 		}
 		defer zr.Close()
 		pr, stop := decouple(zr)
-		st, err := ConvertLayer(ctx, pr, out, opts...)
+		st, err := convertLayer(ctx, pr, out, cc)
 		if err != nil && abort != nil {
 			abort()
 		}
@@ -510,7 +543,7 @@ func convertCompressed(ctx context.Context, r io.Reader, out io.WriterAt, abort 
 		}
 		return st, decompErr(err)
 	default:
-		return ConvertLayer(ctx, br, out, opts...)
+		return convertLayer(ctx, br, out, cc)
 	}
 }
 

@@ -200,6 +200,22 @@ func TestPullPolicies(t *testing.T) {
 	assertNoScratch(t, s)
 }
 
+// countFiles counts the files in root/dir whose names end in suffix.
+func countFiles(t testing.TB, root, dir, suffix string) int {
+	t.Helper()
+	ents, err := os.ReadDir(filepath.Join(root, dir))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, e := range ents {
+		if strings.HasSuffix(e.Name(), suffix) {
+			n++
+		}
+	}
+	return n
+}
+
 func assertNoScratch(t testing.TB, s *Store) {
 	t.Helper()
 	ents, _ := os.ReadDir(filepath.Join(s.Root(), "tmp"))
@@ -328,9 +344,15 @@ func TestStoreConcurrentPulls(t *testing.T) {
 		}
 	}
 	s := openStore(t, root)
-	ents, _ := os.ReadDir(filepath.Join(root, "layers", "sha256"))
-	if len(ents) != 2 {
-		t.Errorf("%d layer images, want 2 (base shared)", len(ents))
+	if n := countFiles(t, root, "layers/sha256", ".sqfs"); n != 2 {
+		t.Errorf("%d layer images, want 2 (base shared)", n)
+	}
+	if n := countFiles(t, root, "layers/sha256", ".idx"); n != 2 {
+		t.Errorf("%d layer indexes, want 2", n)
+	}
+	// The top layer's opaque var/cache hides base entries: one variant.
+	if n := countFiles(t, root, "layers/chain", ".sqfs"); n != 1 {
+		t.Errorf("%d chain variants, want 1", n)
 	}
 	list, err := s.List(context.Background())
 	if err != nil || len(list) != 2 {
@@ -355,9 +377,11 @@ func TestStoreConcurrentPulls(t *testing.T) {
 	if _, err := s.Get(context.Background(), host+"/shared:2"); err != nil {
 		t.Fatalf("image 2 broken after prune: %v", err)
 	}
-	ents, _ = os.ReadDir(filepath.Join(root, "layers", "sha256"))
-	if len(ents) != 1 {
-		t.Errorf("%d layer images after prune, want 1", len(ents))
+	if n := countFiles(t, root, "layers/sha256", ""); n != 2 {
+		t.Errorf("%d layer images and indexes after prune, want 2", n)
+	}
+	if n := countFiles(t, root, "layers/chain", ""); n != 0 {
+		t.Errorf("%d chain variants after prune, want 0", n)
 	}
 	_ = s.Close()
 	_ = s.Close()

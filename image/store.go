@@ -34,6 +34,13 @@ import (
 //
 //	blobs/sha256/<hex>          manifests, configs, compressed layers (verified)
 //	layers/sha256/<hex>.sqfs    one SquashFS image per layer, by diff_id
+//	layers/sha256/<hex>.idx     the layer's index: paths and their kind
+//	                            (directory, other, whiteout, opaque marker)
+//	layers/chain/<hex>.sqfs     variant of a layer with opaque directories,
+//	                            by ChainID: the diff_id image plus whiteouts
+//	                            for what the layers below show in them
+//	layers/chain/<hex>.none     empty marker: that layer's opaque directories
+//	                            hide nothing, its diff_id image is used
 //	index.json                  reference -> manifest digest
 //	tmp/, locks/, gc.lock       scratch files and lock files
 //
@@ -144,7 +151,7 @@ func Open(opts ...StoreOption) (*Store, error) {
 		}
 		s.root = filepath.Join(dir, "gosandbox", "images")
 	}
-	for _, d := range []string{"blobs/sha256", "layers/sha256", "tmp", "locks"} {
+	for _, d := range []string{"blobs/sha256", "layers/sha256", "layers/chain", "tmp", "locks"} {
 		if err := os.MkdirAll(filepath.Join(s.root, d), 0o755); err != nil {
 			return nil, fmt.Errorf("image: create cache directory: %w", err)
 		}
@@ -201,13 +208,20 @@ type Layer struct {
 	Size int64
 	// MediaType is the blob media type.
 	MediaType string
+	// ChainID is the OCI ChainID of the image's layers up to this one
+	// (base first); it names this layer's variant image.
+	ChainID string
 	// Path is the SquashFS image of this layer; attach it read-only as a
-	// block device (see the package doc).
+	// block device (see the package doc). It is the layer's shared image
+	// (layers/sha256/<diff_id>.sqfs) or, for a layer with opaque
+	// directories that hide something below, its variant for this stack
+	// of layers (layers/chain/<ChainID>.sqfs).
 	Path string
 }
 
 // LayerPaths returns the SquashFS images top layer first, the order
-// overlayfs wants for lowerdir.
+// overlayfs wants for lowerdir. Opaque directories in them work without
+// the trusted.overlay.opaque xattr (see the package doc).
 func (img *Image) LayerPaths() []string {
 	out := make([]string, 0, len(img.Layers))
 	for i := len(img.Layers) - 1; i >= 0; i-- {
@@ -471,6 +485,13 @@ func (s *Store) imageByDigest(ref, d string) (*Image, bool, error) {
 			return img, false, nil
 		}
 	}
+	_, missing, err := s.selectPaths(img)
+	if errors.Is(err, fs.ErrNotExist) || err == nil && len(missing) > 0 {
+		return img, false, nil
+	}
+	if err != nil {
+		return nil, false, err
+	}
 	return img, true, nil
 }
 
@@ -584,8 +605,8 @@ func (s *Store) List(ctx context.Context) ([]Summary, error) {
 	return out, nil
 }
 
-// Remove forgets a reference. Its blobs and layer images stay until Prune
-// (another reference may share them).
+// Remove forgets a reference. Its blobs, layer images, layer indexes and
+// chain variants stay until Prune (another reference may share them).
 func (s *Store) Remove(ctx context.Context, ref string) error {
 	if err := s.check(); err != nil {
 		return err
@@ -610,15 +631,16 @@ func (s *Store) Remove(ctx context.Context, ref string) error {
 
 // PruneReport says what Prune deleted.
 type PruneReport struct {
-	// Files is the number of blobs, layer images and stale scratch files
-	// removed.
+	// Files is the number of blobs, layer images, layer indexes, chain
+	// variants and stale scratch files removed.
 	Files int
 	// Bytes is their total size.
 	Bytes int64
 }
 
-// Prune deletes every blob and layer image no reference uses, and scratch
-// files older than an hour (left by crashed processes). It waits for
+// Prune deletes every blob, layer image, layer index and chain variant no
+// reference uses, and scratch files older than an hour (left by crashed
+// processes). It waits for
 // running Pulls and Loads (in any process) to finish first.
 func (s *Store) Prune(ctx context.Context) (PruneReport, error) {
 	var rep PruneReport
@@ -636,6 +658,7 @@ func (s *Store) Prune(ctx context.Context) (PruneReport, error) {
 	}
 	keepBlobs := map[string]bool{}
 	keepLayers := map[string]bool{}
+	keepChains := map[string]bool{}
 	for ref, e := range ix.Refs {
 		h, err := hexOf(e.Digest)
 		if err != nil {
@@ -649,11 +672,16 @@ func (s *Store) Prune(ctx context.Context) (PruneReport, error) {
 		if h, err := hexOf(img.Manifest.Config.Digest.String()); err == nil {
 			keepBlobs[h] = true
 		}
+		setChainIDs(img)
 		for _, l := range img.Layers {
 			lh, _ := hexOf(l.Digest)
 			dh, _ := hexOf(l.DiffID)
+			ch, _ := hexOf(l.ChainID)
 			keepBlobs[lh] = true
 			keepLayers[dh+".sqfs"] = true
+			keepLayers[dh+".idx"] = true
+			keepChains[ch+".sqfs"] = true
+			keepChains[ch+".none"] = true
 		}
 	}
 	sweep := func(dir string, keep func(string) bool) error {
@@ -681,6 +709,9 @@ func (s *Store) Prune(ctx context.Context) (PruneReport, error) {
 		return rep, err
 	}
 	if err := sweep(filepath.Join(s.root, "layers", "sha256"), func(n string) bool { return keepLayers[n] }); err != nil {
+		return rep, err
+	}
+	if err := sweep(filepath.Join(s.root, "layers", "chain"), func(n string) bool { return keepChains[n] }); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return rep, err
 	}
 	cutoff := time.Now().Add(-time.Hour)
