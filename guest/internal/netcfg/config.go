@@ -221,9 +221,6 @@ func (c *Config) validateIPv6() error {
 		if !c.IPv6.IsValid() || !a.Is6() || a.Is4In6() {
 			return cfgErr(ErrAddress, "IPv6", c.IPv6.String(), "want an IPv6 address with a prefix length, such as fd00::2/64")
 		}
-		if a.Zone() != "" {
-			return cfgErr(ErrAddress, "IPv6", c.IPv6.String(), "drop the %%zone")
-		}
 		if a.IsUnspecified() || a.IsMulticast() || a.IsLoopback() {
 			return cfgErr(ErrAddress, "IPv6", c.IPv6.String(), "not a unicast host address")
 		}
