@@ -131,9 +131,12 @@ func imageDisks(img *image.Image, cfg *config) (_ *rootDisks, err error) {
 			r.close()
 		}
 	}()
-	cmd, err := img.Command(image.Overrides{})
+	// Only the environment, directory and user apply to the sandbox; the
+	// image's command is not run by itself (an entrypoint placeholder
+	// keeps images without one acceptable).
+	cmd, err := img.Command(image.Overrides{Entrypoint: []string{"sh"}})
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("sandbox: image config: %w", err)
 	}
 	r.command = cmd
 	paths := img.LayerPaths()
