@@ -21,7 +21,10 @@ const (
 type RootConfig struct {
 	// Layers are the virtio-blk serials of the layer devices, top layer
 	// first.
-	Layers []string `json:"layers"`
+	Layers []string `json:"layers,omitempty"`
+	// Shares are virtio-9p mount tags of read-only trees stacked above
+	// Layers (top first): a lazily pulled image is one such tree.
+	Shares []string `json:"shares,omitempty"`
 	// Upper is the serial of a read-write virtio-blk device holding an
 	// ext4 file system for the writable layer; "" means a tmpfs.
 	Upper string `json:"upper,omitempty"`
@@ -32,19 +35,20 @@ type RootConfig struct {
 
 // Validate implements Payload.
 func (r *RootConfig) Validate() error {
-	if len(r.Layers) == 0 || len(r.Layers) > MaxLayers {
-		return fmt.Errorf("root: %d layers, want 1..%d", len(r.Layers), MaxLayers)
+	if n := len(r.Layers) + len(r.Shares); n == 0 || n > MaxLayers {
+		return fmt.Errorf("root: %d layers, want 1..%d", n, MaxLayers)
 	}
-	seen := make(map[string]bool, len(r.Layers)+1)
-	for _, s := range append(append([]string(nil), r.Layers...), r.Upper) {
-		if s == "" && s == r.Upper {
-			continue
-		}
+	seen := make(map[string]bool, len(r.Layers)+len(r.Shares)+1)
+	all := append(append([]string(nil), r.Shares...), r.Layers...)
+	if r.Upper != "" {
+		all = append(all, r.Upper)
+	}
+	for _, s := range all {
 		if err := validSerial(s); err != nil {
 			return fmt.Errorf("root: %w", err)
 		}
 		if seen[s] {
-			return fmt.Errorf("root: serial %q used twice", s)
+			return fmt.Errorf("root: serial or tag %q used twice", s)
 		}
 		seen[s] = true
 	}

@@ -67,16 +67,26 @@ func setupRoot(rc *agentproto.RootConfig) error {
 	if err != nil {
 		return err
 	}
-	lower := make([]string, len(rc.Layers))
+	var lower []string
+	for _, tag := range rc.Shares {
+		dir := "/l/" + strconv.Itoa(len(lower))
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return err
+		}
+		if err := unix.Mount(tag, dir, "9p", unix.MS_RDONLY|unix.MS_NODEV|unix.MS_NOSUID, "trans=virtio,version=9p2000.L,cache=loose,msize=1048576"); err != nil {
+			return fmt.Errorf("mount the 9p share %s: %w", tag, err)
+		}
+		lower = append(lower, dir)
+	}
 	for i, s := range rc.Layers {
-		dir := "/l/" + strconv.Itoa(i)
+		dir := "/l/" + strconv.Itoa(len(lower))
 		if err := os.MkdirAll(dir, 0o755); err != nil {
 			return err
 		}
 		if err := unix.Mount(devs[s], dir, "squashfs", unix.MS_RDONLY|unix.MS_NODEV|unix.MS_NOSUID, ""); err != nil {
 			return fmt.Errorf("mount layer %d (%s, serial %s) as squashfs: %w", i, devs[s], s, err)
 		}
-		lower[i] = dir
+		lower = append(lower, dir)
 	}
 	if err := os.MkdirAll("/u", 0o755); err != nil {
 		return err
