@@ -635,3 +635,17 @@ func TestReceiveOffload(t *testing.T) {
 		}
 	})
 }
+
+// TestReceiveOverMTU: with VIRTIO_NET_F_MTU negotiated, a frame larger
+// than the announced MTU is refused rather than passed to the guest.
+func TestReceiveOverMTU(t *testing.T) {
+	d := newDevice(t, discardBackend{}, vnet.Options{MTU: 1500})
+	h := harness(t, d, vnet.FeatureMrgRxbuf|vnet.FeatureMTU)
+	postRx(t, h, 8, 4096)
+	if err := d.WriteFrame(ethFrame(guestMAC, gwMAC, 0x0800, 1515)); !errors.Is(err, vnet.ErrInvalidPacket) {
+		t.Errorf("1515-byte frame at MTU 1500: %v, want ErrInvalidPacket", err)
+	}
+	if err := d.WriteFrame(ethFrame(guestMAC, gwMAC, 0x0800, 1514)); err != nil {
+		t.Errorf("1514-byte frame at MTU 1500: %v", err)
+	}
+}

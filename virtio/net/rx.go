@@ -132,6 +132,10 @@ func (d *Device) receiveLocked(s *session, h Header, frame []byte, csum *netstac
 	if len(frame) < EthernetHeaderLen || len(frame) > MaxFrameLen {
 		return &PacketError{Reason: fmt.Sprintf("host frame of %d bytes outside %d..%d", len(frame), EthernetHeaderLen, MaxFrameLen)}
 	}
+	if h.GSOType == GSONone && s.features&FeatureMTU != 0 && len(frame) > d.mtu+EthernetHeaderLen {
+		// VIRTIO 1.2 5.1.6.3.1: never more than the announced MTU.
+		return &PacketError{Reason: fmt.Sprintf("host frame of %d bytes over the MTU %d plus Ethernet header (the backend's MTU must match Options.MTU)", len(frame), d.mtu)}
+	}
 	var timer *time.Timer
 	defer func() {
 		if timer != nil {
