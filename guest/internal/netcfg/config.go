@@ -105,6 +105,7 @@ type ConfigError struct {
 	Err    error  // ErrMAC, ErrMTU, ErrAddress, ErrGateway, ErrDNS or ErrHostName
 }
 
+// Error names the field, its value and what is wrong with it.
 func (e *ConfigError) Error() string {
 	return fmt.Sprintf("netcfg: %s %.80q: %s", e.Field, e.Value, e.Reason)
 }

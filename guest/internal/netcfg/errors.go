@@ -22,6 +22,7 @@ type NoInterfaceError struct {
 	Seen   []string // the interfaces there were, as "name=mac"
 }
 
+// Error names the MAC, the wait and the interfaces there were.
 func (e *NoInterfaceError) Error() string {
 	return fmt.Sprintf("netcfg: no network interface with MAC %s after %v (saw %s); check that the VMM adds a virtio-net device with that MAC and that the kernel has virtio-net",
 		e.MAC, e.Waited, strings.Join(e.Seen, ", "))
@@ -39,6 +40,7 @@ type StepError struct {
 	Err  error
 }
 
+// Error names the step, the interface and the cause.
 func (e *StepError) Error() string {
 	var b strings.Builder
 	b.WriteString("netcfg: ")
