@@ -371,7 +371,11 @@ type convConfig struct {
 	// index, when set, receives the layer index (see index.go).
 	index io.Writer
 	// whiteouts are extra whiteouts (clean relative paths) to add to the
-	// image: the variant of a layer with opaque directories.
+	// image: the variant of a layer with opaque directories. When set, the
+	// image gets no trusted.overlay.opaque xattrs: the whiteouts express
+	// the opaque directories fully, and a kernel that honours the xattr
+	// would not merge such a directory and so would list the whiteouts in
+	// it as entries that do not exist (readdir shows them, stat fails).
 	whiteouts []string
 }
 
@@ -448,6 +452,9 @@ func convertLayer(ctx context.Context, r io.Reader, out io.WriterAt, cc convConf
 		return st, tarErr(err)
 	}
 	for _, p := range opaque {
+		if len(cc.whiteouts) > 0 {
+			break
+		}
 		if err := w.SetXattr(p, OverlayOpaqueXattr, []byte("y")); err != nil {
 			return st, &LayerError{Path: p, Err: mapWriterErr(err)}
 		}
