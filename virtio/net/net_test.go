@@ -649,3 +649,28 @@ func TestReceiveOverMTU(t *testing.T) {
 		t.Errorf("1514-byte frame at MTU 1500: %v", err)
 	}
 }
+
+// TestReceiveTinyBuffers: a frame that needs more mergeable buffers than
+// the ring holds is dropped and every buffer taken is returned.
+func TestReceiveTinyBuffers(t *testing.T) {
+	d := newDevice(t, discardBackend{}, vnet.Options{RxTimeout: time.Hour})
+	h := virtiotest.NewHarness(t, d, virtiotest.HarnessOptions{Features: vnet.FeatureMrgRxbuf | baseFeatures, QueueSize: 8})
+	postRx(t, h, 8, 16)
+	if err := d.WriteFrame(ethFrame(guestMAC, gwMAC, 0x0800, 1514)); !errors.Is(err, vnet.ErrInvalidPacket) {
+		t.Fatalf("WriteFrame: %v, want ErrInvalidPacket", err)
+	}
+	for i := range 8 {
+		if u, ok := h.TryUsed(qRx); !ok || u.Len != 0 {
+			t.Fatalf("buffer %d: %+v %v, want returned empty", i, u, ok)
+		}
+	}
+	// A frame that fits 8 buffers still goes through.
+	postRx(t, h, 8, 16)
+	f := ethFrame(guestMAC, gwMAC, 0x0800, 100)
+	if err := d.WriteFrame(f); err != nil {
+		t.Fatal(err)
+	}
+	if _, got := rxFrame(t, h, true); !bytes.Equal(got, f) {
+		t.Error("frame differs")
+	}
+}

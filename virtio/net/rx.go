@@ -176,6 +176,15 @@ func (d *Device) receiveLocked(s *session, h Header, frame []byte, csum *netstac
 	defer func() { s.rxChains = chains[:0] }()
 	have := 0
 	for have < need {
+		if len(chains) == int(q.Size()) {
+			// More buffers than the ring holds (tiny buffers): num_buffers
+			// stays bounded, and so does the time spent on one frame.
+			for i := range chains {
+				q.Push(chains[i].Head, 0)
+			}
+			q.Notify()
+			return &PacketError{Reason: fmt.Sprintf("a %d-byte frame needs more than %d receive buffers of the sizes posted", need, q.Size())}
+		}
 		if len(chains) == cap(chains) {
 			chains = append(chains, virtio.Chain{})
 		} else {
@@ -204,10 +213,6 @@ func (d *Device) receiveLocked(s *session, h Header, frame []byte, csum *netstac
 			return &PacketError{Reason: fmt.Sprintf("receive buffer of %d bytes for a %d-byte frame (the guest negotiated neither mergeable buffers nor posts big enough buffers)", n, need)}
 		}
 		have += n
-	}
-	if len(chains) > 0xffff {
-		// Unreachable with a queue of QueueSize entries.
-		return &PacketError{Reason: "frame spans too many receive buffers"}
 	}
 	// Copy the frame, then the header (num_buffers known now) into the
 	// first chain.
