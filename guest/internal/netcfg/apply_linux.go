@@ -37,7 +37,7 @@ func Apply(cfg Config) error {
 	if err := c.setLink(0, "lo", unix.IFF_UP, unix.IFF_UP, 0); err != nil {
 		return &StepError{Step: "set up", Link: "lo", Err: err}
 	}
-	link, err := waitLink(c, cfg.MAC, cmp(cfg.LinkWait, DefaultLinkWait), log)
+	link, err := waitLink(c, cfg.MAC, orDefault(cfg.LinkWait, DefaultLinkWait), log)
 	if err != nil {
 		return err
 	}
@@ -76,8 +76,8 @@ func Apply(cfg Config) error {
 	return writeFiles(cfg, log)
 }
 
-// cmp returns v, or def when v is zero.
-func cmp[T comparable](v, def T) T {
+// orDefault returns v, or def when v is zero.
+func orDefault[T comparable](v, def T) T {
 	var zero T
 	if v == zero {
 		return def
@@ -185,13 +185,13 @@ func (c *rtnl) addDefaultRoute(index int32, gw netip.Addr, onlink bool) error {
 // the hosts file.
 func writeFiles(cfg Config, log *slog.Logger) error {
 	if len(cfg.DNS) > 0 || len(cfg.Search) > 0 {
-		p := cmp(cfg.ResolvConfPath, DefaultResolvConfPath)
+		p := orDefault(cfg.ResolvConfPath, DefaultResolvConfPath)
 		if err := writeFileAtomic(p, RenderResolvConf(cfg.DNS, cfg.Search)); err != nil {
 			return &StepError{Step: "write " + p, Err: err}
 		}
 		log.Debug("netcfg: wrote resolv.conf", "path", p, "nameservers", len(cfg.DNS))
 	}
-	p := cmp(cfg.HostsPath, DefaultHostsPath)
+	p := orDefault(cfg.HostsPath, DefaultHostsPath)
 	old, err := readHosts(p)
 	if err != nil {
 		return &StepError{Step: "read " + p, Err: err}

@@ -1,7 +1,6 @@
 package netcfg
 
 import (
-	"encoding/hex"
 	"errors"
 	"net"
 	"net/netip"
@@ -9,8 +8,8 @@ import (
 	"path/filepath"
 	"runtime"
 	"slices"
-	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -20,8 +19,7 @@ import (
 // The tests below run Apply for real, as root, each in a fresh network
 // namespace of its own with a veth pair (the guest's virtio-net stands in
 // as one end), and read the result back through code that is not this
-// package's: the standard library's interface list and the kernel's
-// /proc/thread-self/net tables.
+// package's: the standard library's interface list and netlink dumps.
 
 const vethInfoPeer = 1 // VETH_INFO_PEER, linux/veth.h
 
@@ -49,15 +47,20 @@ func enterNetns(tb testing.TB) {
 // addVeth creates name (with mac) and its peer, and sets the peer up so
 // the link has carrier, as a virtio-net device with a host behind it has.
 func addVeth(c *rtnl, name, peer string, mac net.HardwareAddr) error {
+	if err := addVethDown(c, name, peer, mac); err != nil {
+		return err
+	}
+	return c.setLink(0, peer, unix.IFF_UP, unix.IFF_UP, 0)
+}
+
+// addVethDown creates the pair and leaves both ends down: no carrier.
+func addVethDown(c *rtnl, name, peer string, mac net.HardwareAddr) error {
 	peerMsg := appendAttr(ifInfoMsg(unix.AF_UNSPEC, 0, 0, 0), unix.IFLA_IFNAME, cstring(peer))
 	info := appendAttr(nil, unix.IFLA_INFO_KIND, []byte("veth"))
 	info = appendAttr(info, unix.IFLA_INFO_DATA, appendAttr(nil, vethInfoPeer, peerMsg))
 	r := newRequest(unix.RTM_NEWLINK, unix.NLM_F_CREATE|unix.NLM_F_EXCL, ifInfoMsg(unix.AF_UNSPEC, 0, 0, 0))
 	r.attr(unix.IFLA_IFNAME, cstring(name)).attr(unix.IFLA_ADDRESS, mac).attr(unix.IFLA_LINKINFO, info)
-	if err := c.do(r); err != nil {
-		return err
-	}
-	return c.setLink(0, peer, unix.IFF_UP, unix.IFF_UP, 0)
+	return c.do(r)
 }
 
 // setupLink enters a namespace and creates the veth pair gs0/gs1.
@@ -201,7 +204,7 @@ func checkApplied(t *testing.T, cfg Config) {
 	if cfg.IPv6.IsValid() {
 		flags, ok := inet6Flags(t, cfg.IPv6.Addr(), "gs0")
 		if !ok {
-			t.Errorf("%v not in /proc/thread-self/net/if_inet6", cfg.IPv6.Addr())
+			t.Errorf("%v not among the addresses of gs0", cfg.IPv6.Addr())
 		} else if flags&unix.IFA_F_NODAD == 0 || flags&(unix.IFA_F_TENTATIVE|unix.IFA_F_DADFAILED) != 0 {
 			t.Errorf("%v has flags %#x, want nodad and neither tentative nor dadfailed", cfg.IPv6.Addr(), flags)
 		}
@@ -227,79 +230,114 @@ func addrStrings(t *testing.T, ifc *net.Interface) []string {
 	return s
 }
 
-// procLines returns the rows of a /proc/thread-self/net table, split into
-// fields.
-func procLines(t *testing.T, name string) [][]string {
+// dump reads a routing table or address list through the standard
+// library's netlink code (syscall.NetlinkRIB), not this package's. A dump
+// the kernel marks as interrupted by a concurrent change (the carrier
+// coming up adds link-local routes asynchronously) is read again.
+func dump(t *testing.T, proto, family int) []syscall.NetlinkMessage {
 	t.Helper()
-	b, err := os.ReadFile("/proc/thread-self/net/" + name)
-	if err != nil {
-		t.Fatal(err)
+	for attempt := 0; ; attempt++ {
+		rib, err := syscall.NetlinkRIB(proto, family)
+		if err != nil {
+			t.Fatalf("netlink dump: %v", err)
+		}
+		msgs, err := syscall.ParseNetlinkMessage(rib)
+		if err != nil {
+			t.Fatalf("netlink dump: %v", err)
+		}
+		intr := false
+		for _, m := range msgs {
+			intr = intr || m.Header.Flags&unix.NLM_F_DUMP_INTR != 0
+		}
+		if !intr || attempt == 10 {
+			return msgs
+		}
 	}
-	var rows [][]string
-	for l := range strings.Lines(string(b)) {
-		rows = append(rows, strings.Fields(l))
-	}
-	return rows
 }
 
-// hex32 decodes a /proc/net/route address: the __be32 printed as a host
-// integer.
-func hex32(t *testing.T, s string) netip.Addr {
+type route struct {
+	gw  netip.Addr
+	dev string
+}
+
+// defaultRoutes lists the main table's default routes of a family.
+func defaultRoutes(t *testing.T, family int) []route {
 	t.Helper()
-	v, err := strconv.ParseUint(s, 16, 32)
-	if err != nil {
-		t.Fatalf("route table field %q: %v", s, err)
+	var rs []route
+	for _, m := range dump(t, syscall.RTM_GETROUTE, family) {
+		if m.Header.Type != syscall.RTM_NEWROUTE || len(m.Data) < syscall.SizeofRtMsg {
+			continue
+		}
+		// struct rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags
+		if m.Data[1] != 0 || m.Data[4] != unix.RT_TABLE_MAIN || m.Data[7] != unix.RTN_UNICAST {
+			continue
+		}
+		attrs, err := syscall.ParseNetlinkRouteAttr(&m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var r route
+		for _, a := range attrs {
+			switch a.Attr.Type {
+			case syscall.RTA_GATEWAY:
+				r.gw, _ = netip.AddrFromSlice(a.Value)
+			case syscall.RTA_OIF:
+				if ifc, err := net.InterfaceByIndex(int(ne.Uint32(a.Value))); err == nil {
+					r.dev = ifc.Name
+				}
+			}
+		}
+		rs = append(rs, r)
 	}
-	var b [4]byte
-	ne.PutUint32(b[:], uint32(v))
-	return netip.AddrFrom4(b)
+	return rs
 }
 
 func defaultRoute4(t *testing.T) (gw netip.Addr, dev string, ok bool) {
-	for _, f := range procLines(t, "route")[1:] {
-		// Iface Destination Gateway Flags RefCnt Use Metric Mask ...
-		if len(f) >= 8 && f[1] == "00000000" && f[7] == "00000000" {
-			return hex32(t, f[2]), f[0], true
-		}
+	for _, r := range defaultRoutes(t, syscall.AF_INET) {
+		return r.gw, r.dev, true
 	}
 	return netip.Addr{}, "", false
 }
 
-func countDefaultRoutes4(t *testing.T) int {
-	n := 0
-	for _, f := range procLines(t, "route")[1:] {
-		if len(f) >= 8 && f[1] == "00000000" && f[7] == "00000000" {
-			n++
-		}
-	}
-	return n
-}
-
-func hex128(t *testing.T, s string) netip.Addr {
-	t.Helper()
-	b, err := hex.DecodeString(s)
-	if err != nil || len(b) != 16 {
-		t.Fatalf("IPv6 table field %q: %v", s, err)
-	}
-	return netip.AddrFrom16([16]byte(b))
-}
+func countDefaultRoutes4(t *testing.T) int { return len(defaultRoutes(t, syscall.AF_INET)) }
 
 func defaultRoute6(t *testing.T) (gw netip.Addr, dev string, ok bool) {
-	// dest dest_len src src_len nexthop metric refcnt use flags dev
-	for _, f := range procLines(t, "ipv6_route") {
-		if len(f) >= 10 && f[0] == strings.Repeat("0", 32) && f[1] == "00" && f[9] != "lo" {
-			return hex128(t, f[4]), f[9], true
-		}
+	for _, r := range defaultRoutes(t, syscall.AF_INET6) {
+		return r.gw, r.dev, true
 	}
 	return netip.Addr{}, "", false
 }
 
-func inet6Flags(t *testing.T, a netip.Addr, dev string) (uint64, bool) {
-	// address ifindex prefixlen scope flags name
-	for _, f := range procLines(t, "if_inet6") {
-		if len(f) >= 6 && hex128(t, f[0]) == a && f[5] == dev {
-			v, err := strconv.ParseUint(f[4], 16, 32)
-			return v, err == nil
+// inet6Flags returns the flags (IFA_FLAGS) of an IPv6 address on dev.
+func inet6Flags(t *testing.T, a netip.Addr, dev string) (uint32, bool) {
+	ifc, err := net.InterfaceByName(dev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range dump(t, syscall.RTM_GETADDR, syscall.AF_INET6) {
+		if m.Header.Type != syscall.RTM_NEWADDR || len(m.Data) < syscall.SizeofIfAddrmsg {
+			continue
+		}
+		// struct ifaddrmsg: family, prefixlen, flags, scope, index
+		if int(ne.Uint32(m.Data[4:8])) != ifc.Index {
+			continue
+		}
+		attrs, err := syscall.ParseNetlinkRouteAttr(&m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var addr netip.Addr
+		flags := uint32(m.Data[2])
+		for _, at := range attrs {
+			switch at.Attr.Type {
+			case syscall.IFA_ADDRESS:
+				addr, _ = netip.AddrFromSlice(at.Value)
+			case unix.IFA_FLAGS:
+				flags = ne.Uint32(at.Value)
+			}
+		}
+		if addr == a {
+			return flags, true
 		}
 	}
 	return 0, false
@@ -377,6 +415,30 @@ func TestApplyLinkAppearsLate(t *testing.T) {
 	}
 	if err != nil {
 		t.Fatalf("Apply: %v", err)
+	}
+	checkApplied(t, cfg)
+}
+
+// TestApplyBeforeCarrier configures an interface whose carrier comes up
+// only afterwards (a virtio-net device may report link status late): the
+// addresses and routes are there before and stay there after.
+func TestApplyBeforeCarrier(t *testing.T) {
+	enterNetns(t)
+	c, err := dialRoute()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.close()
+	if err := addVethDown(c, "gs0", "gs1", testMAC); err != nil {
+		t.Fatalf("create a veth pair: %v", err)
+	}
+	cfg := fullConfig(t.TempDir())
+	if err := Apply(cfg); err != nil {
+		t.Fatalf("Apply: %v", err)
+	}
+	checkApplied(t, cfg)
+	if err := c.setLink(0, "gs1", unix.IFF_UP, unix.IFF_UP, 0); err != nil {
+		t.Fatal(err)
 	}
 	checkApplied(t, cfg)
 }

@@ -168,6 +168,8 @@ func readHosts(path string) ([]byte, error) {
 // 0644): it writes a temporary file in the same directory and renames it
 // over path. The rename replaces a symlink at path itself, never its
 // target. The directory is created if missing (an image without /etc).
+// There is no fsync: the files are written at every boot, so a crash
+// loses nothing that the next boot does not write again.
 func writeFileAtomic(path string, data []byte) (err error) {
 	dir := filepath.Dir(path)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
