@@ -54,6 +54,9 @@
 // store (system.*, i.e. POSIX ACLs) and any trusted.overlay.* xattr carried by
 // the layer itself are dropped (counted in LayerStats.DroppedXattrs): a forged
 // overlay redirect or metacopy xattr must not steer the guest's overlayfs.
+// Alongside each image the cache keeps a small index of the layer (every
+// path with its kind: directory, other, whiteout, opaque marker; prefix
+// compressed, checksummed), written in the same pass.
 // Parent directories a layer does not list get mode 0755, owner 0:0, mtime 0;
 // since the upper directory's metadata wins in overlayfs, layers should list
 // the parents of what they change (every common image builder does).
@@ -69,13 +72,50 @@
 // host file system: a layer only becomes bytes in one SquashFS file under the
 // cache's tmp/ directory, renamed into place after every check passed.
 //
+// # Opaque directories and the default guest kernel
+//
+// The default guest kernel is built without CONFIG_SQUASHFS_XATTR, so its
+// squashfs shows no xattrs at all and overlayfs never sees
+// trusted.overlay.opaque: on its own, a directory made opaque by an upper
+// layer would still show the lower layers' entries. Whiteouts (character
+// devices 0/0) do work, being inode types. So when an image is pulled or
+// loaded, every layer with opaque directories gets a variant for that
+// image's stack of layers: its SquashFS image plus, in each opaque
+// directory D (and in each directory under D that the layer also has, since
+// overlayfs merges directories of the same name), a whiteout for every name
+// the merged view of the layers below shows there and the layer does not
+// list itself. The whiteouts are computed from the layer indexes, and the
+// variant is converted again from the cached blob (digest and diff_id
+// checked again). It depends on the layers below, so it is cached under
+// the layer's OCI ChainID (layers/chain/<hex>.sqfs), built once under a
+// per-chain flock and renamed into place like everything else. Layers
+// without opaque directories, and those whose opaque directories hide
+// nothing, keep their shared diff_id image (a marker records the latter).
+// Layer.ChainID names the chain; Layer.Path and Image.LayerPaths give the
+// image to attach.
+//
+// A variant carries no trusted.overlay.opaque xattr: a kernel that honours
+// it does not merge an opaque directory, and would then list the whiteouts
+// in it as entries that cannot be opened. Without the xattr, the whiteouts
+// alone give the same tree on every kernel. The shared images keep the
+// xattr (right for kernels with squashfs xattrs).
+//
+// The other consequence of a kernel without squashfs xattrs: no xattr of
+// any layer is visible in the guest. File capabilities
+// (security.capability, e.g. ping's cap_net_raw), user.* and trusted.*
+// xattrs are in the images but the default kernel does not show them;
+// programs that rely on file capabilities must run as root there. A guest
+// kernel with CONFIG_SQUASHFS_XATTR=y sees them all.
+//
 // # What the guest must do with the images
 //
 // The host attaches, for a sandbox of image img:
 //
 //   - one read-only virtio-blk device per entry of img.LayerPaths() (top layer
 //     first), each backed by the SquashFS file as is (the files are padded to
-//     4 KiB; no partition table). Give each device a serial the agent can map
+//     4 KiB; no partition table). Use exactly these paths: for a layer with
+//     opaque directories that is the image's variant, not the layer's shared
+//     diff_id image (which only a kernel with squashfs xattrs reads right). Give each device a serial the agent can map
 //     back to its layer position (for example "L<index>"), or pass the
 //     device order in the agent's boot request.
 //   - for the writable layer, either nothing (tmpfs upper) or one read-write
@@ -107,9 +147,14 @@
 // size= option and guest RAM).
 //
 // TestKernelOverlayMatchesReference runs this recipe on the host (root, loop
-// devices): the Linux kernel mounts the SquashFS layers and the ext4 upper,
-// overlayfs stacks them, and the merged tree equals a reference extraction
-// of the layer tars.
+// devices) for an image pulled into a Store, with opaque directories in
+// two layers: the Linux kernel mounts img.LayerPaths() as SquashFS and the
+// ext4 upper, overlayfs stacks them, and the merged tree equals a reference
+// extraction of the layer tars, both with the opaque xattr honoured and
+// with overlayfs made to ignore it (mount option userxattr, which looks
+// for user.overlay.* instead), the latter standing for the default guest
+// kernel. A control mount of the shared images in the second mode shows
+// the hidden entries, so that mode does test the whiteouts.
 //
 // # Commands
 //

@@ -104,3 +104,89 @@ func FuzzLoadArchive(f *testing.F) {
 		}
 	})
 }
+
+// FuzzLayerIndex parses arbitrary bytes as a cached layer index: nil or
+// ErrInvalidLayer, never a panic; a good index also goes through the
+// whiteout computation.
+func FuzzLayerIndex(f *testing.F) {
+	for _, l := range opaqueTestLayers(f) {
+		f.Add(layerIndex(f, l))
+	}
+	f.Add([]byte(indexMagic))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		opq := 0
+		err := readIndex(bytes.NewReader(data), func(k byte, p string) error {
+			if !validIndexPath(p) {
+				t.Fatalf("invalid path %q yielded", p)
+			}
+			if k == idxOpaque {
+				opq++
+			}
+			return nil
+		})
+		if err != nil {
+			if !errors.Is(err, ErrInvalidLayer) {
+				t.Fatalf("untyped error: %v", err)
+			}
+			return
+		}
+		w, err := opaqueWhiteouts(sources(data, data), []int{opq, opq}, map[int]bool{1: true})
+		if err != nil && !errors.Is(err, ErrInvalidLayer) {
+			t.Fatalf("untyped error: %v", err)
+		}
+		for _, p := range w[1] {
+			if !validIndexPath(p) || p == "" {
+				t.Fatalf("invalid whiteout path %q", p)
+			}
+		}
+	})
+}
+
+// FuzzOpaqueVariant stacks two arbitrary layers: when both convert, the
+// upper layer's variant (with the whiteouts its opaque directories need)
+// must convert too.
+func FuzzOpaqueVariant(f *testing.F) {
+	ls := opaqueTestLayers(f)
+	f.Add(ls[1], ls[2])
+	f.Add(ls[0], mkTar(f, tent{name: ".wh..wh..opq"}, tent{name: "a/x", body: "x"}))
+	f.Add(mkTar(f, tent{name: "a", typ: tar.TypeSymlink, link: "b", mode: 0o777}), mkTar(f, tent{name: "a/.wh..wh..opq"}))
+	f.Fuzz(func(t *testing.T, lower, upper []byte) {
+		var idx [][]byte
+		for _, l := range [][]byte{lower, upper} {
+			var ix bytes.Buffer
+			if _, err := convertLayer(context.Background(), bytes.NewReader(l), &memAt{}, convConfig{index: &ix}); err != nil {
+				return
+			}
+			idx = append(idx, ix.Bytes())
+		}
+		counts := make([]int, 2)
+		for i, b := range idx {
+			n, err := indexOpaqueCountBytes(b)
+			if err != nil {
+				t.Fatalf("index of a converted layer: %v", err)
+			}
+			counts[i] = n
+		}
+		w, err := opaqueWhiteouts(sources(idx...), counts, map[int]bool{1: true})
+		if err != nil {
+			t.Fatalf("whiteouts: %v", err)
+		}
+		if len(w[1]) == 0 {
+			return
+		}
+		if _, err := convertLayer(context.Background(), bytes.NewReader(upper), &memAt{}, convConfig{whiteouts: w[1]}); err != nil {
+			t.Fatalf("variant with whiteouts %q: %v", w[1], err)
+		}
+	})
+}
+
+func indexOpaqueCountBytes(b []byte) (int, error) {
+	n := 0
+	err := readIndex(bytes.NewReader(b), func(k byte, _ string) error {
+		if k == idxOpaque {
+			n++
+		}
+		return nil
+	})
+	return n, err
+}
