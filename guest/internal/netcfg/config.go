@@ -158,7 +158,7 @@ func (c *Config) Validate() error {
 	}
 	for i, h := range c.Hosts {
 		f := fmt.Sprintf("Hosts[%d]", i)
-		if err := validName(h.Name); err != nil {
+		if err := ValidHostName(h.Name); err != nil {
 			return cfgErr(ErrHostName, f+".Name", h.Name, "%s", err)
 		}
 		if lower(h.Name) == "localhost" {
@@ -251,7 +251,7 @@ func (c *Config) validateSearch() error {
 	}
 	n := 0
 	for i, d := range c.Search {
-		if err := validName(d); err != nil {
+		if err := ValidHostName(d); err != nil {
 			return cfgErr(ErrHostName, fmt.Sprintf("Search[%d]", i), d, "%s", err)
 		}
 		n += len(d) + 1
@@ -276,10 +276,13 @@ func checkAddr(sentinel error, field string, a netip.Addr) error {
 	return nil
 }
 
-// validName checks a host or domain name: dot-separated labels of ASCII
-// letters, digits, '-' and '_' (used by SRV-style names), each 1..63 bytes
-// and not starting or ending with '-', at most 253 bytes in all.
-func validName(s string) error {
+// ValidHostName checks a host or domain name as Validate checks Hosts
+// names and Search domains: dot-separated labels of ASCII letters, digits,
+// '-' and '_' (used by SRV-style names), each 1..63 bytes and not starting
+// or ending with '-', at most 253 bytes in all. A caller that adds the
+// guest's hostname to Hosts can check it first and leave it out instead
+// of failing the whole Apply.
+func ValidHostName(s string) error {
 	if s == "" {
 		return errors.New("empty name")
 	}

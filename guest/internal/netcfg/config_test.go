@@ -215,3 +215,16 @@ func FuzzFromProto(f *testing.F) {
 		}
 	})
 }
+
+func TestValidHostName(t *testing.T) {
+	for _, ok := range []string{"a", "host.gosandbox.internal", "_srv._tcp.example", "x-1.y2", strings.Repeat("a", 63)} {
+		if err := ValidHostName(ok); err != nil {
+			t.Errorf("ValidHostName(%q) = %v", ok, err)
+		}
+	}
+	for _, bad := range []string{"", ".", "a.", ".a", "a b", "a-", "-a", "é", "a/b", "a\x00", strings.Repeat("a", 64)} {
+		if ValidHostName(bad) == nil {
+			t.Errorf("ValidHostName(%q) = nil, want an error", bad)
+		}
+	}
+}
