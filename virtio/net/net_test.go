@@ -424,8 +424,12 @@ func TestReceiveUnblockedByReset(t *testing.T) {
 			for range 4 {
 				select {
 				case err := <-errs:
-					if err == nil {
-						t.Error("WriteFrame succeeded without buffers")
+					want := vnet.ErrNotReady
+					if stop == "Close" {
+						want = vnet.ErrClosed
+					}
+					if !errors.Is(err, want) {
+						t.Errorf("WriteFrame after %s: %v, want %v", stop, err, want)
 					}
 				case <-time.After(virtiotest.WaitTimeout):
 					t.Fatalf("WriteFrame still blocked after %s", stop)

@@ -2,7 +2,6 @@ package net
 
 import (
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"time"
 
@@ -11,8 +10,15 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 )
 
-// errStopped is returned internally when a reset stopped a wait.
-var errStopped = errors.New("virtio/net: device reset while a frame was waiting for receive buffers; frame dropped")
+// stopErr is the error for a frame whose wait a Reset or Close ended.
+func (d *Device) stopErr() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return ErrClosed
+	}
+	return fmt.Errorf("%w (the guest reset the device while the frame waited for receive buffers)", ErrNotReady)
+}
 
 // WriteFrame implements netstack.FrameWriter: it copies a host→guest
 // Ethernet frame (complete checksums) into the guest's receive queue and
@@ -115,8 +121,9 @@ func tcpHeaderLen(frame []byte, off int) uint16 {
 	return uint16(frame[off+12]>>4) * 4
 }
 
-// receive copies h and frame into receive chains. With csum set, the
-// checksum the offload describes is completed in the guest's copy.
+// receive copies h and frame into receive chains and counts the outcome.
+// With csum set, the checksum the offload describes is completed first
+// (in a private copy of frame).
 func (d *Device) receive(s *session, h Header, frame []byte, csum *netstack.Offload) error {
 	err := d.receiveLocked(s, h, frame, csum)
 	if err != nil {
@@ -154,7 +161,7 @@ func (d *Device) receiveLocked(s *session, h Header, frame []byte, csum *netstac
 		select {
 		case s.rxLock <- struct{}{}:
 		case <-s.stop:
-			return errStopped
+			return d.stopErr()
 		case <-timeout():
 			return ErrNoBuffers
 		}
@@ -261,7 +268,7 @@ func (d *Device) nextChain(s *session, ch *virtio.Chain, timeout func() <-chan t
 		select {
 		case <-q.Kicks():
 		case <-s.stop:
-			return errStopped
+			return d.stopErr()
 		case <-timeout():
 			return ErrNoBuffers
 		}
