@@ -24,8 +24,8 @@
 // checksums and cuts TCP segments itself.
 //
 // The guest is hostile: a malformed header or chain (too short, over
-// MaxFrameLen, bad gso_type, checksum offsets outside the frame, flags the
-// driver may not set, descriptors of the wrong direction) drops that
+// MaxFrameLen, a gso_type not negotiated or not offered, checksum offsets
+// outside the frame, descriptors of the wrong direction) drops that
 // packet with a *PacketError counted in Stats; a corrupted ring marks the
 // device NEEDS_RESET through Activation.Fail with a *virtio.QueueError.
 // Nothing the guest writes makes the device panic or block for long.

@@ -107,9 +107,9 @@ func (h Header) TxOffload(frame []byte, features uint64) (o netstack.Offload, of
 	if n > MaxFrameLen {
 		return bad("frame of %d bytes is over %d", n, MaxFrameLen)
 	}
-	if h.Flags&^HdrFNeedsCsum != 0 {
-		return bad("flags %#x: only NEEDS_CSUM is valid from the driver", h.Flags)
-	}
+	// Flag bits other than NEEDS_CSUM are ignored (VIRTIO 1.2 5.1.6.2.2:
+	// the device must ignore flags it does not recognize; DATA_VALID and
+	// RSC_INFO mean nothing on transmit).
 	csum := features&FeatureCsum != 0
 	if h.Flags&HdrFNeedsCsum != 0 {
 		if !csum {

@@ -200,8 +200,6 @@ func TestTransmitInvalid(t *testing.T) {
 		{"frame over 64 KiB", [][]byte{hdrBytes(vnet.Header{}), make([]byte, vnet.MaxFrameLen+1)}, nil},
 		{"writable descriptor", [][]byte{hdrBytes(vnet.Header{}), f}, []int{64}},
 		{"only writable", nil, []int{1526}},
-		{"DATA_VALID from driver", [][]byte{hdrBytes(vnet.Header{Flags: vnet.HdrFDataValid}), f}, nil},
-		{"unknown flag", [][]byte{hdrBytes(vnet.Header{Flags: 0x40}), f}, nil},
 		{"csum start in Ethernet header", [][]byte{hdrBytes(vnet.Header{Flags: vnet.HdrFNeedsCsum, CsumStart: 2}), f}, nil},
 		{"csum beyond frame", [][]byte{hdrBytes(vnet.Header{Flags: vnet.HdrFNeedsCsum, CsumStart: 1500, CsumOffset: 13}), f}, nil},
 		{"csum offset overflow", [][]byte{hdrBytes(vnet.Header{Flags: vnet.HdrFNeedsCsum, CsumStart: 0xffff, CsumOffset: 0xffff}), f}, nil},
@@ -237,6 +235,23 @@ func TestTransmitInvalid(t *testing.T) {
 				t.Errorf("device failed: %v", err)
 			}
 		})
+	}
+}
+
+// TestTransmitIgnoredFlags: flag bits other than NEEDS_CSUM are ignored,
+// as the specification requires of the device.
+func TestTransmitIgnoredFlags(t *testing.T) {
+	b := newRecBackend()
+	d := newDevice(t, b, vnet.Options{})
+	h := harness(t, d, d.Features())
+	f := ethFrame(gwMAC, guestMAC, 0x0800, 100)
+	h.Add(qTx, [][]byte{hdrBytes(vnet.Header{Flags: vnet.HdrFDataValid | vnet.HdrFRSCInfo | 0x40}), f})
+	h.Add(qTx, [][]byte{hdrBytes(vnet.Header{Flags: 0xff &^ vnet.HdrFNeedsCsum, CsumStart: 0xffff}), f})
+	got := waitDelivered(t, b, 2)
+	for i, fr := range got {
+		if !bytes.Equal(fr.frame, f) || fr.offload != nil {
+			t.Errorf("frame %d: offload %v", i, fr.offload)
+		}
 	}
 }
 
@@ -283,10 +298,7 @@ func TestReceive(t *testing.T) {
 				if !bytes.Equal(got, f) {
 					t.Fatalf("frame %d: got %d bytes, want %d (equal %v)", i, len(got), len(f), bytes.Equal(got[:min(len(got), len(f))], f[:min(len(got), len(f))]))
 				}
-				want := vnet.Header{}
-				if mrg {
-					want.NumBuffers = uint16(tc.wantBufs)
-				}
+				want := vnet.Header{NumBuffers: uint16(tc.wantBufs)} // 1 without MRG_RXBUF
 				if hdr != want {
 					t.Errorf("header %+v, want %+v", hdr, want)
 				}
@@ -676,5 +688,28 @@ func TestReceiveTinyBuffers(t *testing.T) {
 	}
 	if _, got := rxFrame(t, h, true); !bytes.Equal(got, f) {
 		t.Error("frame differs")
+	}
+}
+
+// TestReceiveSegmentWithCWR: a TSO segment with CWR set is cut by the
+// device, since GUEST_ECN is not offered.
+func TestReceiveSegmentWithCWR(t *testing.T) {
+	d := newDevice(t, discardBackend{}, vnet.Options{})
+	h := harness(t, d, d.Features())
+	postRx(t, h, 64, 2048)
+	seg := tcpSegment(t, false, 3000)
+	seg[34+13] |= 0x80 // CWR
+	if err := d.WriteFrameOffload(seg, netstack.Offload{NeedsChecksum: true, ChecksumStart: 34, ChecksumOffset: 16, Segmented: true, SegmentSize: 1448}); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 3 {
+		hdr, got := rxFrame(t, h, true)
+		if hdr.GSOType != vnet.GSONone {
+			t.Fatalf("segment %d: header %+v", i, hdr)
+		}
+		checkSegment(t, got, false, 1448)
+		if cwr := got[34+13]&0x80 != 0; cwr != (i == 0) {
+			t.Errorf("segment %d: CWR %v", i, cwr)
+		}
 	}
 }

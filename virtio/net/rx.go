@@ -77,7 +77,13 @@ func (d *Device) WriteFrameOffload(frame []byte, o netstack.Offload) error {
 	case etherTypeIPv6:
 		tso, gsoType = s.guestTSO6, GSOTCPv6
 	}
-	if tso && o.NeedsChecksum {
+	// A segment with CWR set would need GUEST_ECN (VIRTIO 1.2 5.1.6.4.1):
+	// cut those here too.
+	cwr := false
+	if i := int(o.ChecksumStart) + 13; i < len(frame) {
+		cwr = frame[i]&tcpFlagCWR != 0
+	}
+	if tso && o.NeedsChecksum && !cwr {
 		h := Header{
 			Flags: HdrFNeedsCsum, GSOType: gsoType, GSOSize: o.SegmentSize,
 			CsumStart: o.ChecksumStart, CsumOffset: o.ChecksumOffset,
@@ -96,6 +102,9 @@ func (d *Device) WriteFrameOffload(frame []byte, o netstack.Offload) error {
 	}
 	return err
 }
+
+// tcpFlagCWR is the TCP header's CWR flag (byte 13).
+const tcpFlagCWR = 0x80
 
 // checkOffload validates host→guest offload metadata.
 func checkOffload(frame []byte, o netstack.Offload) error {
@@ -235,9 +244,9 @@ func (d *Device) receiveLocked(s *session, h Header, frame []byte, csum *netstac
 		ch.CopyToGuest(start, frame[off-s.hdrLen:off-s.hdrLen+k])
 		off += k
 	}
-	if s.mrg {
-		h.NumBuffers = uint16(len(chains))
-	}
+	// 1 without mergeable buffers (VIRTIO 1.2 5.1.6.4.1); it is only
+	// encoded with the 12-byte header.
+	h.NumBuffers = uint16(len(chains))
 	h.Encode(hdr[:s.hdrLen])
 	chains[0].CopyToGuest(0, hdr[:s.hdrLen])
 	off = 0
