@@ -358,7 +358,8 @@ func (c *countHash) Write(p []byte) (int, error) { c.n += int64(len(p)); return 
 // short stream with ErrTruncated. Nothing is written except to out. OCI
 // whiteouts become overlayfs whiteouts: ".wh.NAME" a character device 0/0
 // named NAME, ".wh..wh..opq" the xattr trusted.overlay.opaque=y on its
-// directory.
+// directory. A guest kernel without SquashFS xattrs needs more for opaque
+// directories: Store adds it per image (see the package doc).
 //
 // opts tune the SquashFS writer (block size, zlib level, concurrency).
 func ConvertLayer(ctx context.Context, r io.Reader, out io.WriterAt, opts ...squashfs.Option) (LayerStats, error) {

@@ -38,7 +38,7 @@ const (
 )
 
 // errIndex is wrapped by every index parsing error.
-var errIndex = fmt.Errorf("%w: corrupt layer index in the cache (run Prune, or remove the cache directory, and pull again)", ErrInvalidLayer)
+var errIndex = fmt.Errorf("%w: corrupt layer index in the cache (Remove the image, Prune, and pull again)", ErrInvalidLayer)
 
 // indexWriter writes a layer index.
 type indexWriter struct {

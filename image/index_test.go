@@ -344,5 +344,21 @@ func TestCorruptIndexRepaired(t *testing.T) {
 	if _, err := s.Get(context.Background(), host+"/opq:3"); err != nil {
 		t.Errorf("Get after repair: %v", err)
 	}
+	if err := s.Verify(context.Background(), host+"/opq:3"); err != nil {
+		t.Errorf("Verify after repair: %v", err)
+	}
+	// Damage inside the records passes the quick footer check Get does;
+	// Verify reads the whole index and reports it.
+	b, err := os.ReadFile(ip)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b[len(indexMagic)+2] ^= 0x20
+	if err := os.WriteFile(ip, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Verify(context.Background(), host+"/opq:3"); !errors.Is(err, ErrInvalidLayer) {
+		t.Errorf("Verify with a damaged index: %v, want ErrInvalidLayer", err)
+	}
 	assertNoScratch(t, s)
 }

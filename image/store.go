@@ -730,10 +730,11 @@ func (img *Image) Command(ov Overrides) (Command, error) {
 	return CommandFor(&img.Config.Config, ov)
 }
 
-// Verify re-checks a cached image: every layer blob must hash to its digest
-// and every layer image must be a SquashFS file. It reports the first
-// problem as a *DigestError or ErrNotPresent; Remove and pull again to
-// repair.
+// Verify re-checks a cached image: every layer blob must hash to its digest,
+// every layer image (chain variants included) must be a SquashFS file and
+// every layer index must pass its checksum. It reports the first problem as
+// a *DigestError, ErrNotPresent or ErrInvalidLayer; Remove and pull again
+// to repair.
 func (s *Store) Verify(ctx context.Context, ref string) error {
 	img, err := s.Get(ctx, ref)
 	if err != nil {
@@ -768,6 +769,19 @@ func (s *Store) Verify(ctx context.Context, ref string) error {
 		_ = lf.Close()
 		if err != nil || string(magic[:]) != "hsqs" {
 			return fmt.Errorf("%w: %s is not a SquashFS image (remove the image and pull again)", ErrInvalidLayer, l.Path)
+		}
+		ip, err := s.indexPath(l.DiffID)
+		if err != nil {
+			return err
+		}
+		xf, err := os.Open(ip)
+		if err != nil {
+			return fmt.Errorf("%w: layer index %s: %v", ErrNotPresent, ip, err)
+		}
+		err = readIndex(xf, func(byte, string) error { return nil })
+		_ = xf.Close()
+		if err != nil {
+			return fmt.Errorf("%s: %w", ip, err)
 		}
 	}
 	return nil
