@@ -360,5 +360,12 @@ func TestCorruptIndexRepaired(t *testing.T) {
 	if err := s.Verify(context.Background(), host+"/opq:3"); !errors.Is(err, ErrInvalidLayer) {
 		t.Errorf("Verify with a damaged index: %v, want ErrInvalidLayer", err)
 	}
+	// PullAlways converts the layer again and the index is whole again.
+	if _, err := s.Pull(context.Background(), host+"/opq:3", WithPolicy(PullAlways)); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Verify(context.Background(), host+"/opq:3"); err != nil {
+		t.Errorf("Verify after PullAlways: %v", err)
+	}
 	assertNoScratch(t, s)
 }

@@ -363,8 +363,14 @@ func (s *Store) importLayer(ctx context.Context, l *Layer, report func(Progress)
 		if !exists(blob) || !exists(l.Path) {
 			return false
 		}
-		_, err := indexOpaqueCount(idx)
-		return err == nil
+		// The whole index is read (about 12 bytes per entry), so a damaged
+		// one is rebuilt from the blob rather than failing makeVariants.
+		f, err := os.Open(idx)
+		if err != nil {
+			return false
+		}
+		defer f.Close()
+		return readIndex(f, func(byte, string) error { return nil }) == nil
 	}
 	if cached() {
 		report(Progress{Layer: l.Digest, Done: l.Size, Total: l.Size, Cached: true})
