@@ -9,6 +9,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/gosandbox/sandbox/image"
+	"github.com/gosandbox/sandbox/netstack"
 )
 
 // Defaults for options not given.
@@ -39,6 +40,10 @@ type config struct {
 	img      *image.Image
 	store    *image.Store
 	diskSize int64
+
+	noNetwork bool
+	netSet    bool
+	net       netstack.Config
 }
 
 func defaultConfig() config {

@@ -39,7 +39,9 @@ import (
 	"github.com/gosandbox/sandbox/guest/agentclient"
 	"github.com/gosandbox/sandbox/guest/agentproto"
 	"github.com/gosandbox/sandbox/kernel"
+	"github.com/gosandbox/sandbox/netstack"
 	"github.com/gosandbox/sandbox/virtio/console"
+	virtionet "github.com/gosandbox/sandbox/virtio/net"
 	"github.com/gosandbox/sandbox/virtio/pci"
 	"github.com/gosandbox/sandbox/virtio/rng"
 	"github.com/gosandbox/sandbox/vmm"
@@ -104,7 +106,8 @@ type Sandbox struct {
 	agent  *agentclient.Client
 	hvclog *vmm.RingLog
 	disks  *rootDisks // nil without an image
-	user   string     // the image's default user spec
+	net    *netstack.Network
+	user   string // the image's default user spec
 
 	mu        sync.Mutex
 	phases    Phases
@@ -196,6 +199,23 @@ func New(ctx context.Context, opts ...Option) (_ *Sandbox, err error) {
 		r.Close()
 		return nil, err
 	}
+	var netCfg *agentproto.NetConfig
+	if !cfg.noNetwork {
+		id := cfg.name
+		if id == "" {
+			var b [8]byte
+			rand.Read(b[:])
+			id = fmt.Sprintf("sandbox-%x", b)
+		}
+		var dev *virtionet.Device
+		if sb.net, dev, netCfg, err = startNetwork(&cfg, id); err != nil {
+			return nil, err
+		}
+		if _, err = sb.bus.AddVirtio(dev); err != nil {
+			dev.Close()
+			return nil, err
+		}
+	}
 	var root *agentproto.RootConfig
 	if sb.disks != nil {
 		for _, d := range sb.disks.devs {
@@ -233,6 +253,7 @@ func New(ctx context.Context, opts ...Option) (_ *Sandbox, err error) {
 			Hostname: agentproto.Hostname(cfg.name),
 			Env:      env,
 			Root:     root,
+			Net:      netCfg,
 		})
 		ch <- dialed{c, err}
 	}()
@@ -483,6 +504,9 @@ func (sb *Sandbox) Close() error {
 			errs = append(errs, sb.bus.Close())
 		} else if sb.con != nil {
 			errs = append(errs, sb.con.Close())
+		}
+		if sb.net != nil {
+			errs = append(errs, sb.net.Close())
 		}
 		if sb.disks != nil {
 			errs = append(errs, sb.disks.close())

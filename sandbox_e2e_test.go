@@ -37,9 +37,12 @@ func newE2E(t *testing.T, opts ...Option) (*Sandbox, *bytes.Buffer) {
 	e2eBoots++
 	sb, err := New(ctx, opts...)
 	if err != nil {
-		if why, ok := kvmhost.GuestEmulatorFault(con.String()); ok {
-			if mode, _ := kvmhost.Detect(); mode == kvmhost.Inside {
+		if mode, _ := kvmhost.Detect(); mode == kvmhost.Inside {
+			var ge *vmm.GuestError
+			if why, ok := kvmhost.GuestEmulatorFault(con.String()); ok {
 				t.Logf("%s %s", kvmhost.EmulatorFaultMarker, why)
+			} else if errors.As(err, &ge) && ge.Exit.Reason == vmm.ExitTripleFault {
+				t.Logf("%s the guest triple-faulted inside the emulated KVM host while booting", kvmhost.EmulatorFaultMarker)
 			}
 		}
 		t.Fatalf("New: %v\nconsole:\n%s", err, con.String())
