@@ -10,7 +10,8 @@
 //     interfaces and the typed errors.
 //   - virtio/pci: the PCI host bridge (config mechanism #1 and ECAM), BARs,
 //     MSI-X, and the virtio-pci modern transport.
-//   - virtio/console, virtio/blk, virtio/rng: the devices.
+//   - virtio/console, virtio/blk, virtio/rng, virtio/net (to package
+//     netstack), virtio/p9 (a 9P2000.L file server): the devices.
 //   - virtio/virtiotest: a driver-side test double and a conformance suite,
 //     so devices are tested without a VM.
 //
