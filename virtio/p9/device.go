@@ -92,6 +92,10 @@ type Device struct {
 	mu     sync.Mutex
 	sess   *session
 	closed bool
+
+	// testHookShutdown, if set, runs in Reset once the session stopped
+	// taking answers and before it waits for in-flight requests.
+	testHookShutdown func()
 }
 
 var _ virtio.Device = (*Device)(nil)

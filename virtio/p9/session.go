@@ -95,6 +95,9 @@ func (s *session) shutdown() {
 	s.cond.Broadcast()
 	s.mu.Unlock()
 	close(s.stop)
+	if h := s.d.testHookShutdown; h != nil {
+		h()
+	}
 	s.wg.Wait()
 }
 
