@@ -91,6 +91,7 @@ func init() {
 		"sleep":     sleep,
 		"stty":      stty,
 		"sync":      syncCmd,
+		"tcpblast":  tcpblast,
 		"tail":      tail,
 		"touch":     fromCore(touch.New),
 		"true":      func(context.Context, IO, []string) int { return 0 },
