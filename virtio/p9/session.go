@@ -21,7 +21,8 @@ type request struct {
 	// prefix is served to the server instead of the chain's first bytes:
 	// the validated header (and Tversion's capped msize), so a guest
 	// rewriting its buffer cannot change the framing the device checked.
-	prefix []byte
+	prefix    [hdrLen + 4]byte
+	prefixLen int
 
 	// Guarded by session.mu.
 	off       int        // bytes delivered to the server
@@ -272,11 +273,12 @@ func (s *session) submit(r *request, ans []answer) []answer {
 				s.versions++
 				s.limit = min(s.limit, m)
 			}
-			r.prefix = append([]byte(nil), hdr[:hdrLen+4]...)
+			r.prefixLen = hdrLen + 4
 		}
 	}
-	if r.prefix == nil {
-		r.prefix = append([]byte(nil), hdr[:hdrLen]...)
+	r.prefix = hdr
+	if r.prefixLen == 0 {
+		r.prefixLen = hdrLen
 	}
 	r.size = size
 	s.reqs[r.tag] = r
@@ -305,8 +307,8 @@ func (t tstream) Read(p []byte) (int, error) {
 	}
 	r := s.inbox[0]
 	n := 0
-	if r.off < len(r.prefix) {
-		n = copy(p, r.prefix[r.off:])
+	if r.off < r.prefixLen {
+		n = copy(p, r.prefix[r.off:r.prefixLen])
 		r.off += n
 	}
 	if k := min(len(p)-n, int(r.size)-r.off); k > 0 {
@@ -471,7 +473,8 @@ func (w *rstream) finish() {
 		}
 	}
 	// Tflush requests waiting on r (and on those, in turn).
-	done := []*request{r}
+	var doneBuf [1]*request
+	done := append(doneBuf[:0], r)
 	for i := 0; i < len(done); i++ {
 		for _, f := range done[i].flushers {
 			delete(s.reqs, f.tag)
@@ -480,7 +483,8 @@ func (w *rstream) finish() {
 	}
 	s.mu.Unlock()
 
-	ans := make([]answer, 0, len(done))
+	var ansBuf [1]answer
+	ans := ansBuf[:0]
 	if w.fits {
 		ans = append(ans, answer{r.ch.Head, uint32(w.size)})
 	} else {
