@@ -34,7 +34,7 @@
 //     part, or above the negotiated msize never reaches the server (which
 //     would drop the whole connection); it is answered with Rlerror
 //     (EINVAL, EMSGSIZE). Tversion's msize is capped to Options.MaxMessage
-//     before the server sees it.
+//     (and raised to MinMessage) before the server sees it.
 //   - Tags: a tag already outstanding is answered with Rlerror(EINVAL) (the
 //     server would silently never answer it). Linux matches answers to
 //     requests by chain, so the error reaches the right request.

@@ -10,8 +10,6 @@ import (
 	"github.com/gosandbox/sandbox/virtio"
 )
 
-var le = binary.LittleEndian
-
 // request is one descriptor chain holding a T-message.
 type request struct {
 	ch   virtio.Chain // own copies of the buffer lists (Pop reuses its Chain)
@@ -198,10 +196,10 @@ func rlerror(r *request, errno uint32) answer {
 		return answer{r.ch.Head, 0}
 	}
 	var b [rlerrorLen]byte
-	le.PutUint32(b[0:], rlerrorLen)
+	binary.LittleEndian.PutUint32(b[0:], rlerrorLen)
 	b[4] = msgRlerror
-	le.PutUint16(b[5:], r.tag)
-	le.PutUint32(b[7:], errno)
+	binary.LittleEndian.PutUint16(b[5:], r.tag)
+	binary.LittleEndian.PutUint32(b[7:], errno)
 	r.ch.CopyToGuest(0, b[:])
 	return answer{r.ch.Head, rlerrorLen}
 }
@@ -209,9 +207,9 @@ func rlerror(r *request, errno uint32) answer {
 // rflush writes Rflush under r's tag (r has at least 7 writable bytes).
 func rflush(r *request) answer {
 	var b [hdrLen]byte
-	le.PutUint32(b[0:], hdrLen)
+	binary.LittleEndian.PutUint32(b[0:], hdrLen)
 	b[4] = msgRflush
-	le.PutUint16(b[5:], r.tag)
+	binary.LittleEndian.PutUint16(b[5:], r.tag)
 	r.ch.CopyToGuest(0, b[:])
 	return answer{r.ch.Head, hdrLen}
 }
@@ -229,9 +227,9 @@ func (s *session) submit(r *request, ans []answer) []answer {
 	// once; everything below decides on this copy.
 	var hdr [hdrLen + 4]byte
 	n := r.ch.CopyFromGuest(hdr[:], 0)
-	size := le.Uint32(hdr[0:])
+	size := binary.LittleEndian.Uint32(hdr[0:])
 	typ := hdr[4]
-	r.tag = le.Uint16(hdr[5:])
+	r.tag = binary.LittleEndian.Uint16(hdr[5:])
 	reject := func(errno uint32, why string) []answer {
 		s.log.Debug("p9: request rejected", "why", why, "type", typ, "tag", r.tag, "size", size)
 		return append(ans, rlerror(r, errno))
@@ -258,7 +256,7 @@ func (s *session) submit(r *request, ans []answer) []answer {
 		if size < hdrLen+2 || n < hdrLen+2 {
 			return reject(errnoEINVAL, "short Tflush")
 		}
-		if old := s.reqs[le.Uint16(hdr[7:])]; old != nil {
+		if old := s.reqs[binary.LittleEndian.Uint16(hdr[7:])]; old != nil {
 			old.flushers = append(old.flushers, r)
 			s.reqs[r.tag] = r
 			return ans
@@ -266,9 +264,9 @@ func (s *session) submit(r *request, ans []answer) []answer {
 		return append(ans, rflush(r))
 	case msgTversion:
 		if size >= hdrLen+4 && n >= hdrLen+4 {
-			if m := le.Uint32(hdr[7:]); m != 0 {
+			if m := binary.LittleEndian.Uint32(hdr[7:]); m != 0 {
 				m = max(min(m, s.d.maxMsg), MinMessage)
-				le.PutUint32(hdr[7:], m)
+				binary.LittleEndian.PutUint32(hdr[7:], m)
 				r.version = true
 				s.versions++
 				s.limit = min(s.limit, m)
@@ -388,9 +386,9 @@ func (w *rstream) Close() error { return nil }
 // begin looks up the chain for the message whose header is in w.hdr.
 func (w *rstream) begin() {
 	s := w.s
-	size := le.Uint32(w.hdr[0:])
+	size := binary.LittleEndian.Uint32(w.hdr[0:])
 	w.typ = w.hdr[4]
-	tag := le.Uint16(w.hdr[5:])
+	tag := binary.LittleEndian.Uint16(w.hdr[5:])
 	w.req, w.fits = nil, false
 	if size < hdrLen || size > MaxMessageLimit {
 		// The server never writes this; drop the message as framed.
@@ -438,7 +436,7 @@ func (w *rstream) begin() {
 		w.fits = true
 		var h [hdrLen]byte
 		copy(h[:], w.hdr[:hdrLen])
-		le.PutUint16(h[5:], w.req.tag)
+		binary.LittleEndian.PutUint16(h[5:], w.req.tag)
 		w.req.ch.CopyToGuest(0, h[:])
 	}
 }
@@ -461,7 +459,7 @@ func (w *rstream) finish() {
 		s.versions--
 		var m uint32
 		if w.typ == msgRversion && w.size >= hdrLen+4 {
-			m = le.Uint32(w.hdr[hdrLen:])
+			m = binary.LittleEndian.Uint32(w.hdr[hdrLen:])
 		}
 		switch {
 		case m != 0 && s.versions == 0:
