@@ -89,9 +89,10 @@ type Device struct {
 	log    *slog.Logger
 	server *ninep.Server
 
-	mu     sync.Mutex
-	sess   *session
-	closed bool
+	resetMu sync.Mutex // held across a whole Reset, so Close waits for one in progress
+	mu      sync.Mutex
+	sess    *session
+	closed  bool
 
 	// testHookShutdown, if set, runs in Reset once the session stopped
 	// taking answers and before it waits for in-flight requests.
@@ -183,6 +184,8 @@ func (d *Device) Activate(a *virtio.Activation) error {
 // Reset implements virtio.Device: it stops the worker and the server
 // connection and waits for both; answers still in progress are dropped.
 func (d *Device) Reset() {
+	d.resetMu.Lock()
+	defer d.resetMu.Unlock()
 	d.mu.Lock()
 	s := d.sess
 	d.sess = nil
