@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"runtime"
 	"slices"
 	"strings"
@@ -474,4 +476,45 @@ func TestClientLeak(t *testing.T) {
 		dev.Close()
 	}()
 	checkGoroutines(t, before)
+}
+
+// TestLargestAnswer: with the largest msize, a Tread of msize bytes gets an
+// Rread 11 bytes longer than msize (the server does not shorten it). It is
+// delivered when the chain has room, replaced by EMSGSIZE when not, and the
+// stream keeps its framing either way.
+func TestLargestAnswer(t *testing.T) {
+	dir := t.TempDir()
+	data := pattern(5<<20, 9)
+	if err := os.WriteFile(filepath.Join(dir, "f"), data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	dev, err := p9.New(p9.Options{Tag: "big", Attacher: localfs.Attacher(dir), MaxMessage: p9.MaxMessageLimit})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := virtiotest.NewHarness(t, dev, virtiotest.HarnessOptions{QueueSize: 4, DataPerQueue: 4 * 9 << 20, Features: features(dev)})
+	r := &rawDevice{t: t, dev: dev, h: h}
+	expect(t, r.do(tversion(0xffff, p9.MaxMessageLimit), 64), tRversion, 0xffff)
+	expect(t, r.do(tattach(1, 1), 64), tRattach, 1)
+	expect(t, r.do(twalk(2, 1, 2, "f"), 64), tRwalk, 2)
+	expect(t, r.do(tlopen(3, 2), 64), 13, 3)
+	const count = p9.MaxMessageLimit
+	rep := r.do(tread(4, 2, 100, count), count+11)
+	expect(t, rep, tRread, 4)
+	if le32(rep.body) != count || !bytes.Equal(rep.body[4:], data[100:100+count]) {
+		t.Fatalf("Rread of %d bytes, count %d: wrong data", len(rep.body), le32(rep.body))
+	}
+	rep = r.do(tread(5, 2, 0, count), 1<<20)
+	expect(t, rep, tRlerror, 5)
+	if rep.errno != eMSGSIZE {
+		t.Fatalf("errno %d, want EMSGSIZE", rep.errno)
+	}
+	rep = r.do(tread(6, 2, 7, 10), 64)
+	expect(t, rep, tRread, 6)
+	if !bytes.Equal(rep.body[4:], data[7:17]) {
+		t.Fatal("framing lost after a large answer")
+	}
+	if err := h.FailErr(); err != nil {
+		t.Fatalf("device failed: %v", err)
+	}
 }

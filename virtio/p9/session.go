@@ -343,6 +343,7 @@ type rstream struct {
 	typ  uint8
 	req  *request // nil: drop the message
 	fits bool     // the message fits req's writable part
+	lost bool     // the stream lost its framing: drop everything
 }
 
 // Write implements io.Writer. It never blocks and never fails: answers for
@@ -351,14 +352,14 @@ func (w *rstream) Write(p []byte) (int, error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	total := len(p)
-	for len(p) > 0 {
+	for len(p) > 0 && !w.lost {
 		if w.n < hdrLen {
 			k := copy(w.hdr[w.n:hdrLen], p)
 			w.n += k
 			p = p[k:]
 			if w.n == hdrLen {
 				w.begin()
-				if w.n >= w.size {
+				if !w.lost && w.n >= w.size {
 					w.finish()
 				}
 			}
@@ -390,11 +391,13 @@ func (w *rstream) begin() {
 	w.typ = w.hdr[4]
 	tag := binary.LittleEndian.Uint16(w.hdr[5:])
 	w.req, w.fits = nil, false
-	if size < hdrLen || size > MaxMessageLimit {
-		// The server never writes this; drop the message as framed.
-		size = hdrLen
-	}
 	w.size = int(size)
+	if size < hdrLen {
+		// The server never writes this; the stream has no framing left.
+		w.lost = true
+		s.fail(fmt.Errorf("%w: it wrote an answer of %d bytes", ErrServerStopped, size))
+		return
+	}
 	var failErr error
 	s.mu.Lock()
 	if !s.closed && !s.broken {
