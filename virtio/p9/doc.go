@@ -27,7 +27,9 @@
 // occupies its chain until its answer is copied into the chain's writable
 // part (one copy, straight into guest memory) and pushed to the used ring.
 //
-// This package handles the framing only, plus the few things the stream
+// Why this is hand-written: hugelgupf/p9 speaks 9P over byte streams only,
+// and no library maps virtqueue chains onto such a stream. This package
+// handles the framing only, plus the few things the stream
 // server cannot do safely with a hostile peer:
 //
 //   - Size: a T-message whose size field is below 7, beyond the readable
@@ -35,8 +37,9 @@
 //     would drop the whole connection); it is answered with Rlerror
 //     (EINVAL, EMSGSIZE). Tversion's msize is capped to Options.MaxMessage
 //     (and raised to MinMessage) before the server sees it.
-//   - Tags: a tag already outstanding is answered with Rlerror(EINVAL) (the
-//     server would silently never answer it). Linux matches answers to
+//   - Tags: a tag already outstanding, or NOTAG on anything but Tversion, is
+//     answered with Rlerror(EINVAL) (the server would silently never answer
+//     a duplicate). Linux matches answers to
 //     requests by chain, so the error reaches the right request.
 //   - Tflush is answered here: Rflush is pushed right after the flushed
 //     request's answer (or at once when nothing is outstanding under that
