@@ -67,11 +67,12 @@
 // Memory: each outstanding request may hold up to msize bytes in the server
 // (at most QueueSize of them).
 //
-// Known upstream limitation (hugelgupf/p9 v0.3.0): the server starts a new
-// receiver goroutine with `go cs.handleRequests()` and that goroutine
-// registers itself in the connection's WaitGroup only once it runs, so
-// (*p9.Server).Handle can return, and Reset with it, a moment before such a
-// goroutine has run. It then exits at once without touching the device
-// (its connection is already shut down), but `go test -race` reports the
-// WaitGroup Add/Wait race inside the library now and then.
+// Known upstream limitation (hugelgupf/p9 v0.3.0): a server goroutine that
+// has just sent an answer loops back into handleRequest and calls
+// pendingWg.Add without synchronising with the pendingWg.Wait in Handle's
+// shutdown, so Handle (and Reset with it) can return while that goroutine
+// is between sending and finding the connection shut down. It then returns
+// at once without touching the device or its streams, but `go test -race`
+// reports the WaitGroup Add/Wait race inside the library (server.go:581 vs
+// server.go:614) in most runs of this package's tests.
 package p9
