@@ -7,11 +7,15 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync"
 
 	"github.com/gosandbox/sandbox/guest/agentproto"
 	"github.com/gosandbox/sandbox/image"
 	"github.com/gosandbox/sandbox/image/ext4"
+	"github.com/gosandbox/sandbox/image/lazy9p"
+	"github.com/gosandbox/sandbox/virtio"
 	"github.com/gosandbox/sandbox/virtio/blk"
+	"github.com/gosandbox/sandbox/virtio/p9"
 )
 
 // Image boots the sandbox from an OCI image instead of the built-in
@@ -29,7 +33,7 @@ func Image(ref string, opts ...image.PullOption) Option {
 		if ref == "" {
 			return &OptionError{"Image", "empty reference"}
 		}
-		if c.img != nil {
+		if c.img != nil || c.imageRef != "" {
 			return &OptionError{"Image", "an image was given already"}
 		}
 		c.imageRef, c.pullOpts = ref, opts
@@ -48,6 +52,27 @@ func FromImage(img *image.Image) Option {
 			return &OptionError{"FromImage", "an image reference was given already"}
 		}
 		c.img = img
+		return nil
+	}
+}
+
+// LazyImage boots the sandbox from an eStargz image without downloading
+// it first: only the layers' tables of contents are fetched before the
+// guest boots, and files are fetched (by HTTP range requests, verified
+// chunk by chunk) when the guest first reads them, after the files the
+// image builder marked for prefetch. The merged tree reaches the guest
+// over virtio-9p (package image/lazy9p) as the lower layer of its
+// overlayfs. An image that is not eStargz fails with image.ErrNotLazy; use
+// Image for it.
+func LazyImage(ref string, opts ...image.PullOption) Option {
+	return func(c *config) error {
+		if ref == "" {
+			return &OptionError{"LazyImage", "empty reference"}
+		}
+		if c.img != nil || c.imageRef != "" {
+			return &OptionError{"LazyImage", "an image was given already"}
+		}
+		c.imageRef, c.pullOpts, c.lazy = ref, opts, true
 		return nil
 	}
 }
@@ -82,14 +107,33 @@ func DiskSize(bytes int64) Option {
 // the block devices over them and the upper disk.
 type rootDisks struct {
 	files   []*os.File
-	devs    []*blk.Device
+	devs    []virtio.Device
+	lazy    *image.LazyImage
+	stop    context.CancelFunc // ends the prefetch
+	wg      sync.WaitGroup
 	tmpDir  string
 	root    *agentproto.RootConfig
 	command image.Command
 }
 
+// abort ends what may still be fetching for a lazy image (the prefetch and
+// any range request in flight), so that the 9P device can be closed
+// without waiting for the network. Close calls it before closing devices.
+func (r *rootDisks) abort() error {
+	if r.stop != nil {
+		r.stop()
+	}
+	var err error
+	if r.lazy != nil {
+		err = r.lazy.Close()
+		r.lazy = nil
+	}
+	r.wg.Wait()
+	return err
+}
+
 func (r *rootDisks) close() error {
-	var errs []error
+	errs := []error{r.abort()}
 	for _, d := range r.devs {
 		errs = append(errs, d.Close())
 	}
@@ -122,6 +166,63 @@ func resolveImage(ctx context.Context, cfg *config) (*image.Image, error) {
 	return img, nil
 }
 
+// lazyTag is the virtio-9p mount tag of a lazily pulled image.
+const lazyTag = "image"
+
+// lazyRoot opens the configured eStargz image and makes the 9P device that
+// serves it; prefetching starts in the background.
+func lazyRoot(ctx context.Context, cfg *config) (_ *rootDisks, err error) {
+	st := cfg.store
+	if st == nil {
+		if st, err = image.Open(image.WithLogger(cfg.logger)); err != nil {
+			return nil, err
+		}
+		defer st.Close()
+	}
+	li, err := st.OpenLazy(ctx, cfg.imageRef, cfg.pullOpts...)
+	if err != nil {
+		return nil, fmt.Errorf("sandbox: lazy image %s: %w", cfg.imageRef, err)
+	}
+	r := &rootDisks{root: &agentproto.RootConfig{Shares: []string{lazyTag}}, lazy: li}
+	defer func() {
+		if err != nil {
+			r.close()
+		}
+	}()
+	if err := r.setCommand(li.Image); err != nil {
+		return nil, err
+	}
+	dev, err := p9.New(p9.Options{Tag: lazyTag, Attacher: lazy9p.New(li), MaxMessage: 1 << 20, Logger: cfg.logger})
+	if err != nil {
+		return nil, err
+	}
+	r.devs = append(r.devs, dev)
+	if err := r.addUpper(cfg); err != nil {
+		return nil, err
+	}
+	pctx, stop := context.WithCancel(context.Background())
+	r.stop = stop
+	r.wg.Go(func() {
+		if err := li.Prefetch(pctx); err != nil && pctx.Err() == nil {
+			cfg.logger.Debug("sandbox: lazy image prefetch failed; files are fetched on demand", "err", err)
+		}
+	})
+	return r, nil
+}
+
+// setCommand takes the sandbox defaults from the image config. Only the
+// environment, directory and user apply; the image's command is not run
+// by itself (an entrypoint placeholder keeps images without one
+// acceptable).
+func (r *rootDisks) setCommand(img *image.Image) error {
+	cmd, err := img.Command(image.Overrides{Entrypoint: []string{"sh"}})
+	if err != nil {
+		return fmt.Errorf("sandbox: image config: %w", err)
+	}
+	r.command = cmd
+	return nil
+}
+
 // imageDisks opens the layer images of img and makes the block devices;
 // the caller attaches them and closes r when done.
 func imageDisks(img *image.Image, cfg *config) (_ *rootDisks, err error) {
@@ -131,14 +232,9 @@ func imageDisks(img *image.Image, cfg *config) (_ *rootDisks, err error) {
 			r.close()
 		}
 	}()
-	// Only the environment, directory and user apply to the sandbox; the
-	// image's command is not run by itself (an entrypoint placeholder
-	// keeps images without one acceptable).
-	cmd, err := img.Command(image.Overrides{Entrypoint: []string{"sh"}})
-	if err != nil {
-		return nil, fmt.Errorf("sandbox: image config: %w", err)
+	if err := r.setCommand(img); err != nil {
+		return nil, err
 	}
-	r.command = cmd
 	paths := img.LayerPaths()
 	if len(paths) > agentproto.MaxLayers {
 		return nil, fmt.Errorf("sandbox: image has %d layers, at most %d can be stacked", len(paths), agentproto.MaxLayers)
@@ -157,27 +253,36 @@ func imageDisks(img *image.Image, cfg *config) (_ *rootDisks, err error) {
 		r.devs = append(r.devs, d)
 		r.root.Layers = append(r.root.Layers, serial)
 	}
+	if err := r.addUpper(cfg); err != nil {
+		return nil, err
+	}
+	return r, nil
+}
+
+// addUpper makes the ext4 disk of the writable layer when DiskSize asks
+// for one.
+func (r *rootDisks) addUpper(cfg *config) (err error) {
 	if cfg.diskSize > 0 {
 		if r.tmpDir, err = os.MkdirTemp("", "gosandbox-disk-"); err != nil {
-			return nil, err
+			return err
 		}
 		p := filepath.Join(r.tmpDir, "upper.ext4")
 		if err := ext4.CreateFile(p, cfg.diskSize, ext4.Options{}); err != nil {
-			return nil, err
+			return err
 		}
 		f, err := os.OpenFile(p, os.O_RDWR, 0)
 		if err != nil {
-			return nil, err
+			return err
 		}
 		r.files = append(r.files, f)
 		// The file stays open; its name can go now.
 		os.Remove(p)
 		d, err := blk.New(f, blk.Options{Serial: "upper", Logger: cfg.logger})
 		if err != nil {
-			return nil, err
+			return err
 		}
 		r.devs = append(r.devs, d)
 		r.root.Upper = "upper"
 	}
-	return r, nil
+	return nil
 }

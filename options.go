@@ -40,6 +40,7 @@ type config struct {
 	img      *image.Image
 	store    *image.Store
 	diskSize int64
+	lazy     bool
 
 	noNetwork bool
 	netSet    bool

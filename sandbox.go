@@ -153,12 +153,18 @@ func New(ctx context.Context, opts ...Option) (_ *Sandbox, err error) {
 	sb := &Sandbox{cfg: cfg, log: cfg.logger, hvclog: vmm.NewRingLog(64 << 10), watchDone: make(chan struct{})}
 	env := cfg.env
 	if cfg.imageRef != "" || cfg.img != nil {
-		img, err := resolveImage(ctx, &cfg)
-		if err != nil {
-			return nil, err
-		}
-		if sb.disks, err = imageDisks(img, &cfg); err != nil {
-			return nil, err
+		if cfg.lazy {
+			if sb.disks, err = lazyRoot(ctx, &cfg); err != nil {
+				return nil, err
+			}
+		} else {
+			img, err := resolveImage(ctx, &cfg)
+			if err != nil {
+				return nil, err
+			}
+			if sb.disks, err = imageDisks(img, &cfg); err != nil {
+				return nil, err
+			}
 		}
 		env = append(append([]string(nil), sb.disks.command.Env...), cfg.env...)
 		if sb.cfg.workDir == "" {
@@ -499,6 +505,9 @@ func (sb *Sandbox) Close() error {
 		if sb.agent != nil {
 			sb.agent.Close()
 			<-sb.watchDone
+		}
+		if sb.disks != nil {
+			errs = append(errs, sb.disks.abort())
 		}
 		if sb.bus != nil {
 			errs = append(errs, sb.bus.Close())

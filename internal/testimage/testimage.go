@@ -19,9 +19,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/containerd/stargz-snapshotter/estargz"
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/layout"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
@@ -260,4 +262,100 @@ func StartRegistry(t testing.TB) string {
 	}
 	t.Fatal("docker-registry did not answer on /v2/ within 30 s")
 	return ""
+}
+
+// BuildEStargz is Build with every layer converted to eStargz (64 KiB
+// chunks, gzip level 1); prio[i] lists the files of layer i to place
+// before the prefetch landmark. The layer descriptors carry the TOC digest
+// annotation lazy pulling needs.
+func BuildEStargz(t testing.TB, cfg v1.Config, prio [][]string, layers ...[]byte) v1.Image {
+	t.Helper()
+	img := empty.Image
+	for i, l := range layers {
+		opts := []estargz.Option{estargz.WithChunkSize(64 << 10), estargz.WithCompressionLevel(1)}
+		if i < len(prio) && prio[i] != nil {
+			opts = append(opts, estargz.WithPrioritizedFiles(prio[i]))
+		}
+		blob, err := estargz.Build(io.NewSectionReader(bytes.NewReader(l), 0, int64(len(l))), opts...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		data, err := io.ReadAll(blob)
+		blob.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		layer, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(data)), nil })
+		if err != nil {
+			t.Fatal(err)
+		}
+		img, err = mutate.Append(img, mutate.Addendum{Layer: layer, Annotations: map[string]string{estargz.TOCJSONDigestAnnotation: blob.TOCDigest().String()}})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	cf, err := img.ConfigFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cf = cf.DeepCopy()
+	cf.OS, cf.Architecture, cf.Config = "linux", "amd64", cfg
+	if img, err = mutate.ConfigFile(img, cf); err != nil {
+		t.Fatal(err)
+	}
+	return img
+}
+
+// SaveLayout writes img as an OCI image layout in dir (replacing it);
+// unlike a Docker archive, the layout keeps descriptor annotations.
+func SaveLayout(t testing.TB, dir string, img v1.Image) {
+	t.Helper()
+	if err := os.RemoveAll(dir); err != nil {
+		t.Fatal(err)
+	}
+	p, err := layout.Write(dir, empty.Index)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.AppendImage(img); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// LoadLayout reads the single image of the OCI layout in dir.
+func LoadLayout(t testing.TB, dir string) v1.Image {
+	t.Helper()
+	idx, err := layout.ImageIndexFromPath(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := idx.IndexManifest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(m.Manifests) != 1 {
+		t.Fatalf("%s holds %d images, want 1", dir, len(m.Manifests))
+	}
+	img, err := idx.Image(m.Manifests[0].Digest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return img
+}
+
+// PythonStartup lists the files `python3 -c 'print(1)'` opens in the
+// Debian python rootfs, the prefetch list an image builder would give.
+var PythonStartup = []string{
+	"usr/bin/python3.11",
+	"usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+	"usr/lib/x86_64-linux-gnu/libc.so.6",
+	"usr/lib/x86_64-linux-gnu/libm.so.6",
+	"usr/lib/x86_64-linux-gnu/libz.so.1.2.13",
+	"usr/lib/x86_64-linux-gnu/libexpat.so.1.8.10",
+	"usr/lib/locale/C.utf8/LC_CTYPE",
+	"usr/lib/x86_64-linux-gnu/gconv/gconv-modules.cache",
+	"usr/lib/python3.11/encodings/__init__.py",
+	"usr/lib/python3.11/encodings/aliases.py",
+	"usr/lib/python3.11/encodings/utf_8.py",
+	"etc/python3.11/sitecustomize.py",
 }

@@ -12,6 +12,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"sync/atomic"
 
 	"github.com/gosandbox/sandbox/virtio"
 	"github.com/gosandbox/sandbox/vmm/guestmem"
@@ -39,6 +40,7 @@ var ErrNoSpace = errors.New("virtiotest: queue is full")
 // DriverQueue is the driver side of one split virtqueue in guest memory.
 // It is not safe for concurrent use.
 type DriverQueue struct {
+	fence              atomic.Int32 // a locked instruction is a full memory barrier on x86
 	Mem                *guestmem.Memory
 	Size               uint16
 	Desc, Avail, Used  uint64 // ring addresses
@@ -224,6 +226,11 @@ func (q *DriverQueue) PopUsed() (Used, bool, error) {
 	q.lastUsed++
 	if q.EventIdx {
 		q.Mem.PutUint16(q.Avail+4+2*uint64(q.Size), q.lastUsed)
+		// A full barrier, as Linux's virtio_mb: the used_event store
+		// must be visible before the driver reads the used index again
+		// (x86 reorders a store with a later load), or an interrupt the
+		// device decided against is waited for forever.
+		q.fence.Add(0)
 	}
 	ci, ok := q.chains[uint16(id)]
 	if id >= uint32(q.Size) || !ok {
