@@ -180,12 +180,11 @@
 // image builder placed before the ".prefetch.landmark" entry.
 //
 // Package image/lazy9p serves a LazyImage as a read-only 9P2000.L tree
-// (github.com/hugelgupf/p9), tested with a real 9P client. What the
-// integrator must add: the virtio-9p transport that hands the guest's
-// channel to (*p9.Server).Handle, and the guest mount (mount -t 9p -o
-// trans=virtio,version=9p2000.L,ro,cache=loose <tag> /l/0) used as the
-// overlayfs lower layer, so the sandbox boots before the image is
-// downloaded. Caveats: a lazily read layer's diff_id cannot be checked
+// (github.com/hugelgupf/p9), tested with a real 9P client. The
+// virtio-9p device (package virtio/p9) serves it to the guest, which
+// mounts it (mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose
+// <tag> /l/0) as the overlayfs lower layer, so the sandbox boots before
+// the image is downloaded (sandbox.LazyImage). Caveats: a lazily read layer's diff_id cannot be checked
 // until the whole layer has been read (integrity rests on the TOC digest in
 // the manifest and the per-chunk digests); a caller's context bounds each
 // call but cannot interrupt one range request already in flight (Close does).

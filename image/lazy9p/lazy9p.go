@@ -4,9 +4,8 @@
 // and boot before the image is downloaded: every read becomes verified
 // HTTP range requests for just the chunks it touches.
 //
-// The virtio-9p transport is not here: hand New's Attacher to
-// p9.NewServer and serve the device's channel with (*p9.Server).Handle.
-// Writes fail with EROFS; stack the mount under an overlayfs upper for a
+// The virtio-9p transport is package virtio/p9: give it New's Attacher
+// (sandbox.LazyImage does). Writes fail with EROFS; stack the mount under an overlayfs upper for a
 // writable root.
 package lazy9p
 
