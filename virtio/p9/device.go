@@ -39,11 +39,14 @@ const (
 	rlerrorLen = 11 // header + ecode[4]
 	noTag      = 0xffff
 
-	msgRlerror  = 7
-	msgTversion = 100
-	msgRversion = 101
-	msgTflush   = 108
-	msgRflush   = 109
+	msgRlerror    = 7
+	msgTversion   = 100
+	msgRversion   = 101
+	msgTflush     = 108
+	msgRflush     = 109
+	msgTxattrwalk = 30
+
+	errnoEOPNOTSUPP = 95
 
 	errnoEINVAL   = 22
 	errnoEPROTO   = 71

@@ -518,3 +518,18 @@ func TestLargestAnswer(t *testing.T) {
 		t.Fatalf("device failed: %v", err)
 	}
 }
+
+// TestXattrwalkUnsupported: the device answers Txattrwalk itself with
+// EOPNOTSUPP (a Linux client then reports "no xattrs", which overlayfs
+// accepts on a lower layer) instead of the library's EINVAL.
+func TestXattrwalkUnsupported(t *testing.T) {
+	r := newRaw(t, staticTree(t))
+	r.setup()
+	rep := r.do(msg(30, 3, u32(2), u32(3), str("trusted.overlay.opaque")), 64)
+	expect(t, rep, tRlerror, 3)
+	if rep.errno != 95 {
+		t.Fatalf("Txattrwalk errno %d, want EOPNOTSUPP (95)", rep.errno)
+	}
+	// The session still serves.
+	expect(t, r.do(tclunk(4, 2), 64), tRclunk, 4)
+}

@@ -252,6 +252,13 @@ func (s *session) submit(r *request, ans []answer) []answer {
 		return reject(errnoEINVAL, "tag already outstanding")
 	}
 	switch typ {
+	case msgTxattrwalk:
+		// Extended attributes are not served: hugelgupf/p9 (v0.3.0)
+		// answers every failed GetXattr, ENODATA included, with EINVAL,
+		// and overlayfs takes an EINVAL from getxattr on a lower layer
+		// as a failed lookup. EOPNOTSUPP is what Linux reads as "this
+		// file system has no xattrs".
+		return append(ans, rlerror(r, errnoEOPNOTSUPP))
 	case msgTflush:
 		if size < hdrLen+2 || n < hdrLen+2 {
 			return reject(errnoEINVAL, "short Tflush")
