@@ -96,31 +96,57 @@ func prepareImages(t *testing.T) {
 	}
 }
 
+// imageTestSetup prepares the test images on the host side, delegates
+// the calling test to where KVM is (ok false: the caller returns), and
+// there loads the images' description.
+func imageTestSetup(t *testing.T) (kvmhost.Mode, imageSpec, bool) {
+	mode, _ := kvmhost.Detect()
+	if mode != kvmhost.Inside {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+		defer cancel()
+		if _, err := kernel.Default(ctx); err != nil {
+			t.Fatal(err)
+		}
+		prepareImages(t)
+	}
+	var spec imageSpec
+	if kvmhost.Delegate(t, kvmhost.WithTimeout(40*time.Minute)) {
+		return mode, spec, false
+	}
+	b, err := os.ReadFile(imageSpecPath(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(b, &spec); err != nil {
+		t.Fatal(err)
+	}
+	return mode, spec, true
+}
+
+// bootSmall boots a 256 MiB sandbox for t, closed when t ends; when t
+// failed, the console is logged and an emulator fault reported.
+func bootSmall(t *testing.T, mode kvmhost.Mode, opts ...Option) *Sandbox {
+	t.Helper()
+	sb, con := newE2E(t, append([]Option{Memory(256 << 20)}, opts...)...)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("console:\n%s", con)
+			reportEmulatorFault(t, mode, sb)
+		}
+		sb.Close()
+	})
+	return sb
+}
+
 // TestImageSandbox boots sandboxes from OCI images pulled from a real
 // registry: python prints its version, the image's User, WorkingDir and
 // Env apply, a file written in one sandbox is absent from the next, two
 // images share their base layer's cached file, a disk-backed writable
 // layer takes writes, and a broken layer gives ErrSetup.
 func TestImageSandbox(t *testing.T) {
-	mode, _ := kvmhost.Detect()
-	if mode != kvmhost.Inside {
-		ctx0, cancel0 := context.WithTimeout(context.Background(), 5*time.Minute)
-		if _, err := kernel.Default(ctx0); err != nil {
-			t.Fatal(err)
-		}
-		cancel0()
-		prepareImages(t)
-	}
-	if kvmhost.Delegate(t, kvmhost.WithTimeout(40*time.Minute)) {
+	mode, spec, ok := imageTestSetup(t)
+	if !ok {
 		return
-	}
-	b, err := os.ReadFile(imageSpecPath(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var spec imageSpec
-	if err := json.Unmarshal(b, &spec); err != nil {
-		t.Fatal(err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	defer cancel()
@@ -138,17 +164,7 @@ func TestImageSandbox(t *testing.T) {
 		}
 		return out.String()
 	}
-	boot := func(t *testing.T, opts ...Option) *Sandbox {
-		sb, con := newE2E(t, append([]Option{Memory(256 << 20)}, opts...)...)
-		t.Cleanup(func() {
-			if t.Failed() {
-				t.Logf("console:\n%s", con)
-				reportEmulatorFault(t, mode, sb)
-			}
-			sb.Close()
-		})
-		return sb
-	}
+	boot := func(t *testing.T, opts ...Option) *Sandbox { return bootSmall(t, mode, opts...) }
 
 	t.Run("python", func(t *testing.T) {
 		sb := boot(t, FromImage(spec.Python), Name("python"))

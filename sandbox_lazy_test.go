@@ -81,14 +81,7 @@ func TestLazyImageSandbox(t *testing.T) {
 	ref := pushLazy(t, "busybox")
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
-	sb, con := newE2E(t, LazyImage(ref, image.WithInsecure()), ImageStore(tempStore(t)), Memory(256<<20), NoNetwork())
-	defer func() {
-		if t.Failed() {
-			t.Logf("console:\n%s", con)
-			reportEmulatorFault(t, mode, sb)
-		}
-		sb.Close()
-	}()
+	sb := bootSmall(t, mode, LazyImage(ref, image.WithInsecure()), ImageStore(tempStore(t)), NoNetwork())
 	res, err := sb.Run(ctx, "sh", "-c", "cat hello.txt && echo new > /app/new && cat /app/new && ls /bin | wc -l")
 	if err != nil || res.ExitCode != 0 {
 		t.Fatalf("%v %+v %s", err, res, res.Stderr)

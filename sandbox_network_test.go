@@ -2,20 +2,16 @@ package sandbox
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/netip"
-	"os"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/gosandbox/sandbox/internal/kvmhost"
-	"github.com/gosandbox/sandbox/kernel"
 	"github.com/gosandbox/sandbox/netstack"
 )
 
@@ -43,25 +39,9 @@ func hexIPv6(a netip.Addr) string {
 // serves a guest HTTP server to the host; the guest interface has its
 // IPv4 /30 and IPv6 /64; a sandbox with NoNetwork has only lo.
 func TestNetworkSandbox(t *testing.T) {
-	mode, _ := kvmhost.Detect()
-	if mode != kvmhost.Inside {
-		ctx0, cancel0 := context.WithTimeout(context.Background(), 5*time.Minute)
-		if _, err := kernel.Default(ctx0); err != nil {
-			t.Fatal(err)
-		}
-		cancel0()
-		prepareImages(t)
-	}
-	if kvmhost.Delegate(t, kvmhost.WithTimeout(40*time.Minute)) {
+	mode, spec, ok := imageTestSetup(t)
+	if !ok {
 		return
-	}
-	b, err := os.ReadFile(imageSpecPath(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var spec imageSpec
-	if err := json.Unmarshal(b, &spec); err != nil {
-		t.Fatal(err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	defer cancel()
@@ -83,17 +63,7 @@ func TestNetworkSandbox(t *testing.T) {
 	defer srv.Close()
 	port := l.Addr().(*net.TCPAddr).Port
 
-	boot := func(t *testing.T, opts ...Option) *Sandbox {
-		sb, con := newE2E(t, append([]Option{Memory(256 << 20)}, opts...)...)
-		t.Cleanup(func() {
-			if t.Failed() {
-				t.Logf("console:\n%s", con)
-				reportEmulatorFault(t, mode, sb)
-			}
-			sb.Close()
-		})
-		return sb
-	}
+	boot := func(t *testing.T, opts ...Option) *Sandbox { return bootSmall(t, mode, opts...) }
 	sh := func(t *testing.T, sb *Sandbox, script string) (string, int) {
 		t.Helper()
 		res, err := sb.Run(ctx, "sh", "-c", script)

@@ -12,6 +12,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/gosandbox/sandbox/internal/testimage"
+
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/gosandbox/sandbox/image/squashfs"
 	"golang.org/x/sys/unix"
@@ -182,20 +184,7 @@ func BenchmarkPullPython(b *testing.B) {
 // pythonStartup lists the files python3 -c 'print(1)' opens in the Debian
 // python rootfs (recorded once with strace), as an image builder would
 // prioritize them for eStargz prefetch.
-var pythonStartup = []string{
-	"usr/bin/python3.11",
-	"usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
-	"usr/lib/x86_64-linux-gnu/libc.so.6",
-	"usr/lib/x86_64-linux-gnu/libm.so.6",
-	"usr/lib/x86_64-linux-gnu/libz.so.1.2.13",
-	"usr/lib/x86_64-linux-gnu/libexpat.so.1.8.10",
-	"usr/lib/locale/C.utf8/LC_CTYPE",
-	"usr/lib/x86_64-linux-gnu/gconv/gconv-modules.cache",
-	"usr/lib/python3.11/encodings/__init__.py",
-	"usr/lib/python3.11/encodings/aliases.py",
-	"usr/lib/python3.11/encodings/utf_8.py",
-	"etc/python3.11/sitecustomize.py",
-}
+var pythonStartup = testimage.PythonStartup
 
 // BenchmarkFirstExecPython compares, for the same eStargz python image in
 // the in-process registry, the host-side work before python's first exec:

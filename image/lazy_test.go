@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"io"
 	"io/fs"
 	"os"
 	"path"
@@ -12,51 +11,17 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/gosandbox/sandbox/internal/testimage"
+
 	"github.com/containerd/stargz-snapshotter/estargz"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/empty"
-	"github.com/google/go-containerregistry/pkg/v1/mutate"
-	"github.com/google/go-containerregistry/pkg/v1/tarball"
 )
 
 // buildEStargzImage converts layer tars to eStargz blobs (prioritized files
 // go before the prefetch landmark) and makes a linux/amd64 image whose
 // layer descriptors carry the TOC digest annotation.
 func buildEStargzImage(t testing.TB, cfg v1.Config, prio [][]string, layers ...[]byte) v1.Image {
-	t.Helper()
-	img := empty.Image
-	for i, l := range layers {
-		var opts []estargz.Option
-		if i < len(prio) && prio[i] != nil {
-			opts = append(opts, estargz.WithPrioritizedFiles(prio[i]))
-		}
-		opts = append(opts, estargz.WithChunkSize(64<<10), estargz.WithCompressionLevel(1))
-		blob, err := estargz.Build(io.NewSectionReader(bytes.NewReader(l), 0, int64(len(l))), opts...)
-		if err != nil {
-			t.Fatal(err)
-		}
-		data, err := io.ReadAll(blob)
-		if err != nil {
-			t.Fatal(err)
-		}
-		_ = blob.Close()
-		layer, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(data)), nil })
-		if err != nil {
-			t.Fatal(err)
-		}
-		img, err = mutate.Append(img, mutate.Addendum{Layer: layer, Annotations: map[string]string{estargz.TOCJSONDigestAnnotation: blob.TOCDigest().String()}})
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
-	cf, _ := img.ConfigFile()
-	cf = cf.DeepCopy()
-	cf.OS, cf.Architecture, cf.Config = "linux", "amd64", cfg
-	img, err := mutate.ConfigFile(img, cf)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return img
+	return testimage.BuildEStargz(t, cfg, prio, layers...)
 }
 
 // lazyTree walks a LazyImage into the tree model.

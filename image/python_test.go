@@ -3,13 +3,11 @@ package image
 import (
 	"context"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"testing"
-	"time"
+
+	"github.com/gosandbox/sandbox/internal/testimage"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"golang.org/x/sys/unix"
 )
 
 // pythonLayer returns a layer tar of Debian bookworm minbase with python3,
@@ -17,51 +15,7 @@ import (
 // (about 60 s and 261 MB). It skips when debootstrap is missing or fails
 // (for example without a Debian mirror).
 func pythonLayer(t testing.TB) []byte {
-	t.Helper()
-	cache, err := os.UserCacheDir()
-	if err != nil {
-		t.Skip(err)
-	}
-	dir := filepath.Join(cache, "gosandbox", "testdata")
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	out := filepath.Join(dir, "python3-bookworm-minbase.tar")
-	unlock, err := lock(context.Background(), out+".lock", unix.LOCK_EX)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unlock()
-	if b, err := os.ReadFile(out); err == nil {
-		return b
-	}
-	if os.Getuid() != 0 {
-		t.Skip("building the python rootfs needs root (debootstrap)")
-	}
-	deb, err := exec.LookPath("debootstrap")
-	if err != nil {
-		t.Skip("debootstrap not installed (apt-get install debootstrap); skipping the python image")
-	}
-	root := filepath.Join(dir, "python-rootfs.build")
-	_ = os.RemoveAll(root)
-	defer os.RemoveAll(root)
-	start := time.Now()
-	if b, err := exec.Command(deb, "--variant=minbase", "--include=python3", "bookworm", root, "http://deb.debian.org/debian").CombinedOutput(); err != nil {
-		t.Skipf("debootstrap failed (no mirror?): %v\n%s", err, tail(b))
-	}
-	tmp := out + ".tmp"
-	if b, err := exec.Command("tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--sort=name", "-C", root, "-cf", tmp, ".").CombinedOutput(); err != nil {
-		t.Fatalf("tar: %v\n%s", err, b)
-	}
-	if err := os.Rename(tmp, out); err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("built python rootfs layer in %v", time.Since(start))
-	b, err := os.ReadFile(out)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
+	return testimage.PythonLayer(t)
 }
 
 func tail(b []byte) []byte {

@@ -184,6 +184,12 @@ func Build(t testing.TB, cfg v1.Config, layers ...[]byte) v1.Image {
 			t.Fatal(err)
 		}
 	}
+	return withConfig(t, img, cfg)
+}
+
+// withConfig sets img's platform to linux/amd64 and its config to cfg.
+func withConfig(t testing.TB, img v1.Image, cfg v1.Config) v1.Image {
+	t.Helper()
 	cf, err := img.ConfigFile()
 	if err != nil {
 		t.Fatal(err)
@@ -294,16 +300,7 @@ func BuildEStargz(t testing.TB, cfg v1.Config, prio [][]string, layers ...[]byte
 			t.Fatal(err)
 		}
 	}
-	cf, err := img.ConfigFile()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cf = cf.DeepCopy()
-	cf.OS, cf.Architecture, cf.Config = "linux", "amd64", cfg
-	if img, err = mutate.ConfigFile(img, cf); err != nil {
-		t.Fatal(err)
-	}
-	return img
+	return withConfig(t, img, cfg)
 }
 
 // SaveLayout writes img as an OCI image layout in dir (replacing it);
