@@ -37,7 +37,8 @@ func hexIPv6(a netip.Addr) string {
 // of an HTTP server on the host's loopback is refused by default (the
 // server accepts nothing) and served with allow@host; a published port
 // serves a guest HTTP server to the host; the guest interface has its
-// IPv4 /30 and IPv6 /64; a sandbox with NoNetwork has only lo.
+// IPv4 /30 and IPv6 /64 and reaches the host over both; a sandbox with
+// NoNetwork has only lo.
 func TestNetworkSandbox(t *testing.T) {
 	mode, spec, ok := imageTestSetup(t)
 	if !ok {
@@ -62,6 +63,14 @@ func TestNetworkSandbox(t *testing.T) {
 	go srv.Serve(l)
 	defer srv.Close()
 	port := l.Addr().(*net.TCPAddr).Port
+	l6, err := net.Listen("tcp", "[::1]:0")
+	if err != nil {
+		t.Fatalf("no IPv6 loopback on this host: %v", err)
+	}
+	srv6 := &http.Server{Handler: srv.Handler, ConnState: srv.ConnState}
+	go srv6.Serve(l6)
+	defer srv6.Close()
+	port6 := l6.Addr().(*net.TCPAddr).Port
 
 	boot := func(t *testing.T, opts ...Option) *Sandbox { return bootSmall(t, mode, opts...) }
 	sh := func(t *testing.T, sb *Sandbox, script string) (string, int) {
@@ -121,13 +130,23 @@ func TestNetworkSandbox(t *testing.T) {
 
 	t.Run("allow host", func(t *testing.T) {
 		before := accepted.Load()
-		sb := boot(t, FromImage(spec.Python), Name("net-host"), NetworkRules(fmt.Sprintf("allow@host:tcp:%d", port)))
+		sb := boot(t, FromImage(spec.Python), Name("net-host"),
+			NetworkRules(fmt.Sprintf("allow@host:tcp:%d", port), fmt.Sprintf("allow@host:tcp:%d", port6)))
 		out, code := sh(t, sb, fetch(fmt.Sprintf("http://%s:%d/", netstack.HostAlias, port)))
 		if code != 0 || out != "hello from the host\n" {
 			t.Errorf("with allow@host: exit %d, %q", code, out)
 		}
 		if accepted.Load() == before {
 			t.Error("the host service saw no connection")
+		}
+		// IPv6 end to end: the gateway's IPv6 address is the host's ::1.
+		g := sb.net.Guest()
+		if !g.IPv6.IsValid() {
+			t.Fatal("the sandbox has no IPv6 address")
+		}
+		out, code = sh(t, sb, fetch(fmt.Sprintf("http://[%s]:%d/", g.GatewayIPv6, port6)))
+		if code != 0 || out != "hello from the host\n" {
+			t.Errorf("over IPv6 with allow@host: exit %d, %q", code, out)
 		}
 	})
 
