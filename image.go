@@ -114,6 +114,7 @@ type rootDisks struct {
 	tmpDir  string
 	root    *agentproto.RootConfig
 	command image.Command
+	image   *image.Image
 }
 
 // abort ends what may still be fetching for a lazy image (the prefetch and
@@ -219,8 +220,27 @@ func (r *rootDisks) setCommand(img *image.Image) error {
 	if err != nil {
 		return fmt.Errorf("sandbox: image config: %w", err)
 	}
-	r.command = cmd
+	r.command, r.image = cmd, img
 	return nil
+}
+
+// ErrNoImage: the sandbox was not booted from an image.
+var ErrNoImage = errors.New("sandbox: not booted from an image")
+
+// ImageCommand returns the command the sandbox's image runs by default
+// (its Entrypoint and Cmd, with the image's Env, WorkingDir and User), as
+// `docker run IMAGE ARGS...` would: args, if any, replace the image's Cmd.
+// Pass the result to Exec, after setting its streams. It fails with
+// ErrNoImage without an image, and when the image names no command.
+func (sb *Sandbox) ImageCommand(args ...string) (Cmd, error) {
+	if sb.disks == nil || sb.disks.image == nil {
+		return Cmd{}, ErrNoImage
+	}
+	ic, err := sb.disks.image.Command(image.Overrides{Cmd: args})
+	if err != nil {
+		return Cmd{}, fmt.Errorf("sandbox: %w", err)
+	}
+	return Cmd{Args: ic.Args, Env: ic.Env, Dir: ic.Dir, User: ic.User}, nil
 }
 
 // imageDisks opens the layer images of img and makes the block devices;

@@ -175,6 +175,16 @@ func TestImageSandbox(t *testing.T) {
 		if out != "/ python C.UTF-8\n" {
 			t.Errorf("python cwd, hostname, LANG = %q", out)
 		}
+		if c, err := sb.ImageCommand(); err != nil || strings.Join(c.Args, " ") != "python3" {
+			t.Errorf("ImageCommand() = %+v, %v; want the image's Cmd [python3]", c, err)
+		}
+		c, err := sb.ImageCommand("python3", "-c", "print(6*7)")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if out := run(t, sb, c); out != "42\n" {
+			t.Errorf("image command with args printed %q", out)
+		}
 	})
 
 	t.Run("config, isolation and shared layers", func(t *testing.T) {
@@ -183,6 +193,9 @@ func TestImageSandbox(t *testing.T) {
 		}
 		root := uint32(0)
 		a := boot(t, FromImage(spec.App), Name("app-a"))
+		if _, err := a.ImageCommand(); err == nil {
+			t.Error("ImageCommand of an image without Entrypoint or Cmd succeeded")
+		}
 		if out := run(t, a, Cmd{Args: []string{"sh", "-c", "id -u; pwd; echo $GREETING; cat hello.txt"}}); out != "65534\n/app\nhi\nhello from the image\n" {
 			t.Errorf("image user, dir, env, file = %q", out)
 		}
