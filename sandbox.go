@@ -16,6 +16,30 @@
 // port. Run and Exec start commands through that agent; many may run at
 // once. Close stops the VM and releases everything.
 //
+// # Images
+//
+// Without an image the guest runs the library's own small userland (a
+// shell and core commands). Image("python:3.12-slim") pulls an OCI image
+// into the user's image cache (package image: every layer converted once
+// to a SquashFS file, shared by all sandboxes and processes), attaches each
+// layer as a read-only virtio-blk disk and has the guest stack them with
+// overlayfs under a writable layer: a tmpfs, or a sparse ext4 disk with
+// DiskSize. LazyImage boots an eStargz image before it is downloaded,
+// reading files over virtio-9p as the guest touches them. The image's Env,
+// WorkingDir and User become the sandbox's defaults; ImageCommand gives
+// its Entrypoint and Cmd.
+//
+// # Network
+//
+// Every sandbox has a virtio-net interface whose other end is its own
+// user-space TCP/IP stack in this process (package netstack): each flow
+// the guest opens is checked against the policy and re-originated from an
+// ordinary host socket, so there are no TAP devices, no root and no host
+// NAT. By default the guest reaches the public internet only;
+// NetworkRules opens more ("allow@host:tcp:8080" reaches the host's
+// loopback as host.gosandbox.internal) or less, PublishPort exposes a
+// guest port on the host, and NoNetwork removes the interface.
+//
 // A context passed to New or to a method bounds that call only, never the
 // sandbox's life. The library prints nothing, installs no signal handler
 // (see package vmm for how vCPUs are kicked), and logs only to the
