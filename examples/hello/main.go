@@ -12,14 +12,13 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"os"
 	"time"
 
 	"github.com/gosandbox/sandbox"
-	"github.com/gosandbox/sandbox/internal/kvmhost"
+	"github.com/gosandbox/sandbox/internal/examplehost"
 )
 
 func main() {
@@ -37,13 +36,8 @@ func run(cpus, memMiB int) error {
 	defer cancel()
 	start := time.Now()
 	sb, err := sandbox.New(ctx, sandbox.Name("hello"), sandbox.CPUs(cpus), sandbox.Memory(uint64(memMiB)<<20))
-	if errors.Is(err, sandbox.ErrKVMUnusable) && os.Getenv("GOSANDBOX_IN_KVMHOST") == "" {
-		fmt.Printf("This host's KVM cannot boot Linux:\n  %v\n", err)
-		fmt.Println("Running inside the emulated KVM host instead (QEMU software emulation with real KVM inside; slow).")
-		return runEmulated(ctx)
-	}
 	if err != nil {
-		return err
+		return examplehost.Rerun(ctx, err)
 	}
 	defer sb.Close()
 	ph := sb.Phases()
@@ -66,26 +60,5 @@ func run(cpus, memMiB int) error {
 		fmt.Printf("$ %v  (exit %d, %v)\n%s", args, res.ExitCode, time.Since(t).Round(time.Millisecond), res.Stdout)
 	}
 	fmt.Printf("total %v\n", time.Since(start).Round(time.Millisecond))
-	return nil
-}
-
-// runEmulated runs this program again inside the emulated KVM host.
-func runEmulated(ctx context.Context) error {
-	self, err := os.Executable()
-	if err != nil {
-		return err
-	}
-	code, err := kvmhost.Run(ctx, kvmhost.Config{
-		Program: self,
-		Args:    os.Args[1:],
-		Stdout:  os.Stdout,
-		Stderr:  os.Stderr,
-	})
-	if err != nil {
-		return err
-	}
-	if code != 0 {
-		os.Exit(code)
-	}
 	return nil
 }
