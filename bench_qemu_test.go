@@ -167,16 +167,16 @@ func BenchmarkVsQEMU(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
-				run := func(args ...string) (string, error) {
+				run := func(ctx context.Context, args ...string) (string, error) {
 					res, err := sb.Run(ctx, args[0], args[1:]...)
 					if err == nil && !res.Success() {
 						err = fmt.Errorf("%q: exit %d, stderr %q", args, res.ExitCode, res.Stderr)
 					}
 					return string(res.Stdout), err
 				}
-				mtu, _ := run("sh", "-c", "cat /sys/class/net/eth*/mtu")
+				mtu, _ := run(ctx, "sh", "-c", "cat /sys/class/net/eth*/mtu")
 				boot := sb.NetworkStats()
-				f, err := hs.measure(run, netstack.HostAlias, size, conns)
+				f, err := hs.measure(ctx, run, netstack.HostAlias, size, conns)
 				st := sb.NetworkStats()
 				b.Logf("%s (guest MTU %s): %s; network stats %+v (frames dropped before the transfers: %d)", v.name, strings.TrimSpace(mtu), f, st, boot.FramesDropped)
 				sb.Close()
@@ -192,7 +192,7 @@ func BenchmarkVsQEMU(b *testing.B) {
 			if err != nil {
 				b.Fatal(err)
 			}
-			run := func(args ...string) (string, error) {
+			run := func(ctx context.Context, args ...string) (string, error) {
 				var out, errb bytes.Buffer
 				st, err := g.Agent().Run(ctx, agentclient.Cmd{Args: args, Stdout: &out, Stderr: &errb})
 				if err == nil && !st.Success() {
@@ -200,8 +200,8 @@ func BenchmarkVsQEMU(b *testing.B) {
 				}
 				return out.String(), err
 			}
-			mtu, _ := run("sh", "-c", "cat /sys/class/net/eth*/mtu")
-			f, err := hs.measure(run, qemuguest.UserNetGateway, size, conns)
+			mtu, _ := run(ctx, "sh", "-c", "cat /sys/class/net/eth*/mtu")
+			f, err := hs.measure(ctx, run, qemuguest.UserNetGateway, size, conns)
 			b.Logf("qemu (slirp, guest MTU %s): %s", strings.TrimSpace(mtu), f)
 			g.Close()
 			if err != nil {
@@ -281,7 +281,7 @@ type transfer struct {
 // accept; the deadline bounds a guest that never connects.
 func serveOne(ln *net.TCPListener, fn func(*net.TCPConn) (int64, error)) <-chan transfer {
 	ch := make(chan transfer, 1)
-	ln.SetDeadline(time.Now().Add(20 * time.Minute))
+	ln.SetDeadline(time.Now().Add(blastPhaseTimeout))
 	go func() {
 		c, err := ln.AcceptTCP()
 		if err != nil {
@@ -289,7 +289,7 @@ func serveOne(ln *net.TCPListener, fn func(*net.TCPConn) (int64, error)) <-chan 
 			return
 		}
 		defer c.Close()
-		c.SetDeadline(time.Now().Add(20 * time.Minute))
+		c.SetDeadline(time.Now().Add(blastPhaseTimeout))
 		start := time.Now()
 		n, err := fn(c)
 		ch <- transfer{n: n, d: time.Since(start), err: err}
@@ -304,10 +304,19 @@ func (zeros) Read(p []byte) (int, error) {
 	return len(p), nil
 }
 
+// blastPhaseTimeout bounds each tcpblast run and the host side of it.
+const blastPhaseTimeout = 8 * time.Minute
+
 // measure runs the three tcpblast modes with run (a command in the guest)
 // against the server, reached from the guest at host.
-func (s *blastServer) measure(run func(args ...string) (string, error), host string, size int64, conns int) (netFigures, error) {
+func (s *blastServer) measure(ctx context.Context, run func(ctx context.Context, args ...string) (string, error), host string, size int64, conns int) (netFigures, error) {
 	var f netFigures
+	// Each phase is bounded, so that a stalled transfer fails and says where.
+	phase := func(args ...string) (string, error) {
+		ctx, cancel := context.WithTimeout(ctx, blastPhaseTimeout)
+		defer cancel()
+		return run(ctx, args...)
+	}
 	addr := func(ln *net.TCPListener) string {
 		return net.JoinHostPort(host, strconv.Itoa(ln.Addr().(*net.TCPAddr).Port))
 	}
@@ -326,7 +335,7 @@ func (s *blastServer) measure(run func(args ...string) (string, error), host str
 
 	// Guest → host.
 	got := serveOne(s.sink, func(c *net.TCPConn) (int64, error) { return io.Copy(io.Discard, c) })
-	out, err := run("tcpblast", "send", addr(s.sink), strconv.FormatInt(size, 10))
+	out, err := phase("tcpblast", "send", addr(s.sink), strconv.FormatInt(size, 10))
 	if err != nil {
 		s.sink.SetDeadline(time.Now())
 		<-got
@@ -356,7 +365,7 @@ func (s *blastServer) measure(run func(args ...string) (string, error), host str
 		_, err = io.Copy(io.Discard, c)
 		return n, err
 	})
-	out, err = run("tcpblast", "recv", addr(s.source))
+	out, err = phase("tcpblast", "recv", addr(s.source))
 	if err != nil {
 		s.source.SetDeadline(time.Now())
 		<-got
@@ -374,7 +383,7 @@ func (s *blastServer) measure(run func(args ...string) (string, error), host str
 
 	// Sequential connections.
 	accepted := make(chan int, 1)
-	s.accept.SetDeadline(time.Now().Add(20 * time.Minute))
+	s.accept.SetDeadline(time.Now().Add(blastPhaseTimeout))
 	go func() {
 		k := 0
 		for ; k < conns; k++ {
@@ -386,7 +395,7 @@ func (s *blastServer) measure(run func(args ...string) (string, error), host str
 		}
 		accepted <- k
 	}()
-	out, err = run("tcpblast", "connect", addr(s.accept), strconv.Itoa(conns))
+	out, err = phase("tcpblast", "connect", addr(s.accept), strconv.Itoa(conns))
 	if err != nil {
 		s.accept.SetDeadline(time.Now())
 		<-accepted
