@@ -163,9 +163,11 @@ func BenchmarkVsQEMU(b *testing.B) {
 				{"gosandbox", NetworkRules("allow@host"), &ours},
 				{"gosandbox-mtu1500", Network(netstack.Config{MTU: 1500, Rules: rules}), &ours1500},
 			} {
-				sb, err := New(ctx, v.opt)
+				bctx, bcancel := context.WithTimeout(ctx, blastPhaseTimeout) // a boot that stalls fails with its console
+				sb, err := New(bctx, v.opt)
+				bcancel()
 				if err != nil {
-					b.Fatal(err)
+					b.Fatalf("%s: %v", v.name, err)
 				}
 				run := func(ctx context.Context, args ...string) (string, error) {
 					res, err := sb.Run(ctx, args[0], args[1:]...)
@@ -174,7 +176,7 @@ func BenchmarkVsQEMU(b *testing.B) {
 					}
 					return string(res.Stdout), err
 				}
-				mtu, _ := run(ctx, "sh", "-c", "cat /sys/class/net/eth*/mtu")
+				mtu, _ := runBounded(ctx, run, "sh", "-c", "cat /sys/class/net/eth*/mtu")
 				boot := sb.NetworkStats()
 				f, err := hs.measure(ctx, run, netstack.HostAlias, size, conns)
 				st := sb.NetworkStats()
@@ -188,9 +190,11 @@ func BenchmarkVsQEMU(b *testing.B) {
 
 			cfg := qcfg
 			cfg.UserNet = true
-			g, err := qemuguest.Start(ctx, cfg)
+			bctx, bcancel := context.WithTimeout(ctx, blastPhaseTimeout)
+			g, err := qemuguest.Start(bctx, cfg)
+			bcancel()
 			if err != nil {
-				b.Fatal(err)
+				b.Fatalf("qemu: %v", err)
 			}
 			run := func(ctx context.Context, args ...string) (string, error) {
 				var out, errb bytes.Buffer
@@ -200,7 +204,7 @@ func BenchmarkVsQEMU(b *testing.B) {
 				}
 				return out.String(), err
 			}
-			mtu, _ := run(ctx, "sh", "-c", "cat /sys/class/net/eth*/mtu")
+			mtu, _ := runBounded(ctx, run, "sh", "-c", "cat /sys/class/net/eth*/mtu")
 			f, err := hs.measure(ctx, run, qemuguest.UserNetGateway, size, conns)
 			b.Logf("qemu (slirp, guest MTU %s): %s", strings.TrimSpace(mtu), f)
 			g.Close()
@@ -307,16 +311,19 @@ func (zeros) Read(p []byte) (int, error) {
 // blastPhaseTimeout bounds each tcpblast run and the host side of it.
 const blastPhaseTimeout = 8 * time.Minute
 
+// runBounded runs a guest command for at most blastPhaseTimeout.
+func runBounded(ctx context.Context, run func(ctx context.Context, args ...string) (string, error), args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, blastPhaseTimeout)
+	defer cancel()
+	return run(ctx, args...)
+}
+
 // measure runs the three tcpblast modes with run (a command in the guest)
 // against the server, reached from the guest at host.
 func (s *blastServer) measure(ctx context.Context, run func(ctx context.Context, args ...string) (string, error), host string, size int64, conns int) (netFigures, error) {
 	var f netFigures
 	// Each phase is bounded, so that a stalled transfer fails and says where.
-	phase := func(args ...string) (string, error) {
-		ctx, cancel := context.WithTimeout(ctx, blastPhaseTimeout)
-		defer cancel()
-		return run(ctx, args...)
-	}
+	phase := func(args ...string) (string, error) { return runBounded(ctx, run, args...) }
 	addr := func(ln *net.TCPListener) string {
 		return net.JoinHostPort(host, strconv.Itoa(ln.Addr().(*net.TCPAddr).Port))
 	}
