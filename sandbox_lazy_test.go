@@ -129,7 +129,9 @@ func BenchmarkLazyFirstExec(b *testing.B) {
 		if st, err := p.Wait(ctx); err != nil || st.Code != 0 || fb.at.IsZero() {
 			b.Fatalf("python3: %v %+v", err, st)
 		}
-		return fb.at.Sub(start), sb.Phases()
+		ph := sb.Phases()
+		b.Logf("first output %v after New; %s", fb.at.Sub(start), ph)
+		return fb.at.Sub(start), ph
 	}
 	var lazy, full, lazyPre, fullPre time.Duration
 	for i := 0; i < b.N; i++ {
