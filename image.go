@@ -103,6 +103,19 @@ func DiskSize(bytes int64) Option {
 	}
 }
 
+// TmpfsSize bounds an image's writable layer when it is a tmpfs (the
+// default; see DiskSize for a disk instead) to bytes of guest memory. The
+// default is the kernel's, half of the guest's memory.
+func TmpfsSize(bytes uint64) Option {
+	return func(c *config) error {
+		if bytes < 1<<20 {
+			return &OptionError{"TmpfsSize", fmt.Sprintf("%d bytes, want at least 1 MiB", bytes)}
+		}
+		c.tmpfsSize = bytes
+		return nil
+	}
+}
+
 // rootDisks holds the host side of an image root: the open layer files,
 // the block devices over them and the upper disk.
 type rootDisks struct {
@@ -282,7 +295,9 @@ func imageDisks(img *image.Image, cfg *config) (_ *rootDisks, err error) {
 // addUpper makes the ext4 disk of the writable layer when DiskSize asks
 // for one.
 func (r *rootDisks) addUpper(cfg *config) (err error) {
+	r.root.UpperSize = cfg.tmpfsSize
 	if cfg.diskSize > 0 {
+		r.root.UpperSize = 0
 		if r.tmpDir, err = os.MkdirTemp("", "gosandbox-disk-"); err != nil {
 			return err
 		}

@@ -35,12 +35,13 @@ type config struct {
 	logger     *slog.Logger
 	cmdline    string
 
-	imageRef string
-	pullOpts []image.PullOption
-	img      *image.Image
-	store    *image.Store
-	diskSize int64
-	lazy     bool
+	imageRef  string
+	pullOpts  []image.PullOption
+	img       *image.Image
+	store     *image.Store
+	diskSize  int64
+	tmpfsSize uint64
+	lazy      bool
 
 	noNetwork bool
 	netSet    bool

@@ -167,13 +167,17 @@ func TestImageSandbox(t *testing.T) {
 	boot := func(t *testing.T, opts ...Option) *Sandbox { return bootSmall(t, mode, opts...) }
 
 	t.Run("python", func(t *testing.T) {
-		sb := boot(t, FromImage(spec.Python), Name("python"))
+		sb := boot(t, FromImage(spec.Python), Name("python"), TmpfsSize(48<<20))
 		if out := run(t, sb, Cmd{Args: []string{"python3", "--version"}}); !strings.HasPrefix(out, "Python 3.") {
 			t.Errorf("python3 --version = %q", out)
 		}
 		out := run(t, sb, Cmd{Args: []string{"python3", "-c", "import os, socket; print(os.getcwd(), socket.gethostname(), os.environ['LANG'])"}})
 		if out != "/ python C.UTF-8\n" {
 			t.Errorf("python cwd, hostname, LANG = %q", out)
+		}
+		// The writable layer is a 48 MiB tmpfs: statfs of / reports it.
+		if out := run(t, sb, Cmd{Args: []string{"python3", "-c", "import os; s = os.statvfs('/'); print(s.f_blocks * s.f_frsize >> 20)"}}); out != "48\n" {
+			t.Errorf("size of / with TmpfsSize(48 MiB) = %q MiB", out)
 		}
 		if c, err := sb.ImageCommand(); err != nil || strings.Join(c.Args, " ") != "python3" {
 			t.Errorf("ImageCommand() = %+v, %v; want the image's Cmd [python3]", c, err)
