@@ -55,6 +55,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -64,6 +65,7 @@ import (
 	"github.com/gosandbox/sandbox/guest/agentproto"
 	"github.com/gosandbox/sandbox/kernel"
 	"github.com/gosandbox/sandbox/netstack"
+	"github.com/gosandbox/sandbox/virtio"
 	"github.com/gosandbox/sandbox/virtio/console"
 	virtionet "github.com/gosandbox/sandbox/virtio/net"
 	"github.com/gosandbox/sandbox/virtio/pci"
@@ -147,6 +149,7 @@ type Sandbox struct {
 	con    *console.Device
 	agent  *agentclient.Client
 	hvclog *vmm.RingLog
+	devs   []*pci.Transport // for deviceState
 	disks  *rootDisks // nil without an image
 	net    *netstack.Network
 	user   string // the image's default user spec
@@ -156,6 +159,30 @@ type Sandbox struct {
 	closed    bool
 	closeOnce sync.Once
 	watchDone chan struct{}
+}
+
+// addVirtio puts dev on the PCI bus; the bus owns it from then on.
+func (sb *Sandbox) addVirtio(dev virtio.Device) error {
+	t, err := sb.bus.AddVirtio(dev)
+	if err == nil {
+		sb.devs = append(sb.devs, t)
+	}
+	return err
+}
+
+// deviceState describes the virtio devices' transport and ring state and
+// the console ports, for diagnosing a stalled sandbox (the debug log gets
+// it when a command does not start or finish within its context).
+func (sb *Sandbox) deviceState() string {
+	var b strings.Builder
+	if sb.con != nil {
+		b.WriteString(sb.con.String())
+	}
+	for _, t := range sb.devs {
+		b.WriteString("\n")
+		b.WriteString(t.String())
+	}
+	return b.String()
 }
 
 // New boots a sandbox and returns once its agent answers. ctx bounds the
@@ -240,12 +267,12 @@ func New(ctx context.Context, opts ...Option) (_ *Sandbox, err error) {
 	if sb.bus, err = pci.New(pci.Config{Mem: sb.vm.Memory(), Interrupts: sb.vm, Ioevents: sb.vm, Logger: cfg.logger}); err != nil {
 		return nil, err
 	}
-	if _, err = sb.bus.AddVirtio(sb.con); err != nil {
+	if err = sb.addVirtio(sb.con); err != nil {
 		sb.con.Close()
 		return nil, err
 	}
 	r := rng.New(rand.Reader)
-	if _, err = sb.bus.AddVirtio(r); err != nil {
+	if err = sb.addVirtio(r); err != nil {
 		r.Close()
 		return nil, err
 	}
@@ -261,7 +288,7 @@ func New(ctx context.Context, opts ...Option) (_ *Sandbox, err error) {
 		if sb.net, dev, netCfg, err = startNetwork(&cfg, id); err != nil {
 			return nil, err
 		}
-		if _, err = sb.bus.AddVirtio(dev); err != nil {
+		if err = sb.addVirtio(dev); err != nil {
 			dev.Close()
 			return nil, err
 		}
@@ -269,7 +296,7 @@ func New(ctx context.Context, opts ...Option) (_ *Sandbox, err error) {
 	var root *agentproto.RootConfig
 	if sb.disks != nil {
 		for _, d := range sb.disks.devs {
-			if _, err = sb.bus.AddVirtio(d); err != nil {
+			if err = sb.addVirtio(d); err != nil {
 				return nil, err
 			}
 		}
@@ -290,34 +317,21 @@ func New(ctx context.Context, opts ...Option) (_ *Sandbox, err error) {
 	}
 
 	// Connect to the agent, unless the VM dies or ctx ends first.
-	type dialed struct {
-		c   *agentclient.Client
-		err error
-	}
-	ch := make(chan dialed, 1)
-	dctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	go func() {
-		c, err := agentclient.Dial(dctx, sb.con.Port(guest.PortName), agentclient.Options{
-			Logger:   cfg.logger,
-			Hostname: agentproto.Hostname(cfg.name),
-			Env:      env,
-			Root:     root,
-			Net:      netCfg,
-		})
-		ch <- dialed{c, err}
-	}()
-	select {
-	case d := <-ch:
-		if d.err != nil {
-			return nil, sb.guestError(fmt.Errorf("sandbox: connect to the guest agent: %w", d.err))
-		}
-		sb.agent = d.c
-	case <-sb.vm.Done():
-		cancel()
-		return nil, sb.guestError(fmt.Errorf("sandbox: the VM ended while booting: %w", ErrGuestExited))
-	case <-ctx.Done():
+	sb.agent, err = agentclient.DialUntil(ctx, sb.con.Port(guest.PortName), sb.vm.Done(), agentclient.Options{
+		Logger:   cfg.logger,
+		Hostname: agentproto.Hostname(cfg.name),
+		Env:      env,
+		Root:     root,
+		Net:      netCfg,
+	})
+	switch {
+	case err == nil:
+	case ctx.Err() != nil:
 		return nil, fmt.Errorf("sandbox: boot: %w (console: %s)", ctx.Err(), sb.consoleTail())
+	case errors.Is(err, agentclient.ErrAgentGone) && isDone(sb.vm.Done()):
+		return nil, sb.guestError(fmt.Errorf("sandbox: the VM ended while booting: %w", ErrGuestExited))
+	default:
+		return nil, sb.guestError(fmt.Errorf("sandbox: connect to the guest agent: %w", err))
 	}
 	sb.mu.Lock()
 	sb.phases.Requested = requested
@@ -327,6 +341,15 @@ func New(ctx context.Context, opts ...Option) (_ *Sandbox, err error) {
 	go sb.watch()
 	sb.log.Debug("sandbox ready", "phases", sb.Phases().String())
 	return sb, nil
+}
+
+func isDone(c <-chan struct{}) bool {
+	select {
+	case <-c:
+		return true
+	default:
+		return false
+	}
 }
 
 // watch ends the agent connection when the VM ends, so that pending calls
@@ -428,6 +451,9 @@ func (p *Process) Resize(rows, cols uint16) error { return p.sb.wrap(p.p.Resize(
 // ends first, Wait returns ctx.Err() and the process keeps running.
 func (p *Process) Wait(ctx context.Context) (ExitStatus, error) {
 	st, err := p.p.Wait(ctx)
+	if err != nil && ctx.Err() != nil {
+		p.sb.log.Debug("sandbox: a command outlived its context", "devices", p.sb.deviceState())
+	}
 	return st, p.sb.wrap(err)
 }
 
@@ -444,6 +470,9 @@ func (sb *Sandbox) Exec(ctx context.Context, cmd Cmd) (*Process, error) {
 	}
 	p, err := sb.agent.Exec(ctx, agentclient.Cmd(cmd))
 	if err != nil {
+		if ctx.Err() != nil {
+			sb.log.Debug("sandbox: a command did not start within its context", "devices", sb.deviceState())
+		}
 		return nil, sb.wrap(err)
 	}
 	return &Process{sb: sb, p: p}, nil

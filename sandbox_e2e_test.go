@@ -11,6 +11,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -71,7 +72,7 @@ func TestSandbox(t *testing.T) {
 	defer cancel()
 	t.Run("commands", func(t *testing.T) { testCommands(ctx, t, sb) })
 	if t.Failed() {
-		t.Logf("console:\n%s", con)
+		t.Logf("console:\n%s\ndevices: %s", con, sb.deviceState())
 		reportEmulatorFault(t, mode, sb)
 	}
 	if err := sb.Close(); err != nil {
@@ -163,15 +164,15 @@ func testCommands(ctx context.Context, t *testing.T, sb *Sandbox) {
 		start := time.Now()
 		st, err := p.Wait(sctx)
 		if err != nil || !st.Success() {
-			t.Fatalf("status %v, err %v", st, err)
+			t.Fatalf("status %v, err %v after %d of %d bytes in %v\ndevices: %s", st, err, cw.n.Load(), n, time.Since(start), sb.deviceState())
 		}
 		want := sha256.New()
 		line := []byte("abcdefg\n")
 		for written := 0; written < n; written += len(line) {
 			want.Write(line[:min(len(line), n-written)])
 		}
-		if cw.n != n || hex.EncodeToString(h.Sum(nil)) != hex.EncodeToString(want.Sum(nil)) {
-			t.Fatalf("got %d bytes, hash mismatch=%v", cw.n, hex.EncodeToString(h.Sum(nil)) != hex.EncodeToString(want.Sum(nil)))
+		if cw.n.Load() != int64(n) || hex.EncodeToString(h.Sum(nil)) != hex.EncodeToString(want.Sum(nil)) {
+			t.Fatalf("got %d bytes, hash mismatch=%v", cw.n.Load(), hex.EncodeToString(h.Sum(nil)) != hex.EncodeToString(want.Sum(nil)))
 		}
 		t.Logf("64 MiB in %v", time.Since(start))
 	})
@@ -234,11 +235,11 @@ func testCommands(ctx context.Context, t *testing.T, sb *Sandbox) {
 
 type countWriter struct {
 	w io.Writer
-	n int
+	n atomic.Int64
 }
 
 func (c *countWriter) Write(p []byte) (int, error) {
-	c.n += len(p)
+	c.n.Add(int64(len(p)))
 	return c.w.Write(p)
 }
 

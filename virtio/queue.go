@@ -3,6 +3,7 @@ package virtio
 import (
 	"encoding/binary"
 	"fmt"
+	"sync/atomic"
 
 	"github.com/gosandbox/sandbox/vmm/guestmem"
 )
@@ -73,6 +74,9 @@ type Queue struct {
 	fail       func(error)
 	err        error
 	failCalled bool
+
+	nKicks atomic.Uint64 // driver notifications seen (Kick calls)
+	nIRQs  atomic.Uint64 // interrupts raised by Notify
 }
 
 // NewQueue validates cfg against guest memory and returns the queue. The
@@ -137,6 +141,7 @@ func (q *Queue) Err() error { return q.err }
 
 // Kick records a driver notification. It never blocks; kicks coalesce.
 func (q *Queue) Kick() {
+	q.nKicks.Add(1)
 	select {
 	case q.kicks <- struct{}{}:
 	default:
@@ -372,6 +377,7 @@ func (q *Queue) Notify() error {
 	if q.irq == nil || !q.NeedInterrupt() {
 		return nil
 	}
+	q.nIRQs.Add(1)
 	return q.irq()
 }
 
@@ -411,6 +417,21 @@ func (q *Queue) Wait(stop <-chan struct{}) bool {
 		case <-q.kicks:
 		}
 	}
+}
+
+// String describes the ring as the guest sees it, for diagnosing a stalled
+// device: the avail and used indexes with the event indexes each side asked
+// for, and how many kicks and interrupts the queue has seen. It reads only
+// ring words (atomically) and counters, so it is safe to call from any
+// goroutine while the queue is in use.
+func (q *Queue) String() string {
+	s := fmt.Sprintf("queue %d (size %d): avail idx %d, used idx %d", q.index, q.size, q.availIdx(), q.load16(q.used, 2))
+	if q.eventIdx {
+		s += fmt.Sprintf(", used_event %d, avail_event %d", q.load16(q.avail, q.availOff+4+2*int(q.size)), q.load16(q.used, 4+8*int(q.size)))
+	} else {
+		s += fmt.Sprintf(", avail flags %#x", q.load16(q.avail, q.availOff))
+	}
+	return s + fmt.Sprintf(", %d kicks, %d interrupts", q.nKicks.Load(), q.nIRQs.Load())
 }
 
 func (q *Queue) availIdx() uint16 { return q.load16(q.avail, q.availOff+2) }

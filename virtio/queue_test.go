@@ -354,3 +354,27 @@ func BenchmarkPopPush(b *testing.B) {
 		q.Notify()
 	}
 }
+
+func TestQueueString(t *testing.T) {
+	mem := newMem(t)
+	dq, q, _, _ := pair(t, mem, 8, true)
+	if _, err := dq.Add([][]byte{[]byte("a")}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := dq.Add([][]byte{[]byte("b")}); err != nil {
+		t.Fatal(err)
+	}
+	q.Kick()
+	var c virtio.Chain
+	if ok, err := q.Pop(&c); !ok || err != nil {
+		t.Fatalf("Pop = %v, %v", ok, err)
+	}
+	q.Push(c.Head, 0)
+	q.Notify()
+	q.Arm()
+	got := q.String()
+	want := "queue 3 (size 8): avail idx 2, used idx 1, used_event 0, avail_event 1, 1 kicks, 1 interrupts"
+	if got != want {
+		t.Errorf("String() = %q, want %q", got, want)
+	}
+}

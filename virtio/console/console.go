@@ -20,6 +20,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"strings"
 	"sync"
 
 	"github.com/gosandbox/sandbox/virtio"
@@ -456,4 +457,20 @@ func (d *Device) handleControl(s *session, id uint32, event, value uint16) {
 	default:
 		d.log.Debug("console: unexpected control event", "id", id, "event", event)
 	}
+}
+
+// String describes the device's state for diagnosing a stalled port: each
+// named port's guest-side state (added, open) and host side (closed).
+func (d *Device) String() string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var b strings.Builder
+	fmt.Fprintf(&b, "virtio-console: active %v, closed %v", d.sess != nil, d.closed)
+	if d.sess != nil {
+		fmt.Fprintf(&b, ", driver ready %v, %d control messages queued", d.sess.ready, len(d.sess.outbox))
+	}
+	for _, p := range d.ports[1:] {
+		fmt.Fprintf(&b, "; port %d %q: guest ready %v, guest open %v, host closed %v", p.id, p.name, p.guestReady, p.guestOpen, p.hostClosed)
+	}
+	return b.String()
 }

@@ -386,3 +386,19 @@ func TestGuestHangupGivesEOF(t *testing.T) {
 		t.Fatalf("Read after reopen = %q, %v", buf[:n], err)
 	}
 }
+
+func TestDeviceString(t *testing.T) {
+	d, err := console.New(console.Options{Ports: []string{"agent"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := `virtio-console: active false, closed false; port 1 "agent": guest ready false, guest open false, host closed false`
+	if got := d.String(); got != want {
+		t.Errorf("String() = %q, want %q", got, want)
+	}
+	d.Close()
+	want = `virtio-console: active false, closed true; port 1 "agent": guest ready false, guest open false, host closed true`
+	if got := d.String(); got != want {
+		t.Errorf("after Close, String() = %q, want %q", got, want)
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"testing"
 
 	"github.com/gosandbox/sandbox/virtio"
@@ -231,6 +232,13 @@ func TestRNGWithMSIXAndIoevents(t *testing.T) {
 	waitMSI(t, r.host, 0x101)
 	if r.rng.Status()&virtio.StatusDriverOK == 0 {
 		t.Fatalf("status %#x", r.rng.Status())
+	}
+	// The diagnostic view names the routed vector and the queue's rings.
+	s := r.rng.String()
+	for _, want := range []string{"device type 4", "MSI-X enabled true", "routed true", "avail idx 1, used idx 1"} {
+		if !strings.Contains(s, want) {
+			t.Errorf("String() = %q, want it to contain %q", s, want)
+		}
 	}
 }
 

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 
 	"github.com/gosandbox/sandbox/virtio"
@@ -737,4 +738,34 @@ func (t *Transport) close() error {
 	t.msix.release()
 	t.mu.Unlock()
 	return t.dev.Close()
+}
+
+// String describes the transport for diagnosing a stalled device: slot,
+// device type, status, MSI-X state (enable and function mask, and each
+// vector's mask and pending bits) and every enabled queue with its vector
+// and ring state (see virtio.Queue.String).
+func (t *Transport) String() string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	var b strings.Builder
+	fmt.Fprintf(&b, "virtio-pci slot %d: device type %d, status %#x", t.slot, t.dev.Type(), t.status)
+	if t.broken != nil {
+		fmt.Fprintf(&b, ", broken: %v", t.broken)
+	}
+	fmt.Fprintf(&b, "; MSI-X enabled %v, function masked %v, config vector %d", t.msix.enabled, t.msix.fnMask, t.configVector)
+	for i := range t.msix.vectors {
+		v := &t.msix.vectors[i]
+		if v.irq == nil && !v.pending && v.masked() && v.addr() == 0 {
+			continue // never set up
+		}
+		fmt.Fprintf(&b, "\n  vector %d: addr %#x data %#x masked %v pending %v routed %v", i, v.addr(), v.data(), v.masked(), v.pending, v.irq != nil)
+	}
+	for i := range t.queues {
+		qs := &t.queues[i]
+		if !qs.enabled || qs.q == nil {
+			continue
+		}
+		fmt.Fprintf(&b, "\n  vector %d: %v", qs.vector, qs.q)
+	}
+	return b.String()
 }
