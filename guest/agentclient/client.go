@@ -190,6 +190,33 @@ func Dial(ctx context.Context, rwc io.ReadWriteCloser, opts Options) (*Client, e
 	return c, nil
 }
 
+// DialUntil is Dial that also gives up when ended is closed, for example
+// when the VM that runs the agent stops before its agent answers; the error
+// then matches ErrAgentGone. ctx bounds the handshake only, as for Dial.
+func DialUntil(ctx context.Context, rwc io.ReadWriteCloser, ended <-chan struct{}, opts Options) (*Client, error) {
+	dctx, cancel := context.WithCancel(ctx)
+	watched := make(chan struct{})
+	go func() {
+		defer close(watched)
+		select {
+		case <-ended:
+			cancel()
+		case <-dctx.Done():
+		}
+	}()
+	c, err := Dial(dctx, rwc, opts)
+	cancel()
+	<-watched
+	if err != nil && ctx.Err() == nil {
+		select {
+		case <-ended:
+			return nil, fmt.Errorf("%w: it ended before it answered", ErrAgentGone)
+		default:
+		}
+	}
+	return c, err
+}
+
 func (c *Client) handshake() error {
 	f, err := c.reader.ReadFrame()
 	if err != nil {

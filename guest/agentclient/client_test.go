@@ -418,6 +418,26 @@ func TestDialTimeout(t *testing.T) {
 	}
 }
 
+func TestDialUntil(t *testing.T) {
+	host, guest := guesttest.SocketPair(t)
+	defer guest.Close()
+	ended := make(chan struct{})
+	time.AfterFunc(20*time.Millisecond, func() { close(ended) })
+	_, err := agentclient.DialUntil(context.Background(), host, ended, agentclient.Options{})
+	if !errors.Is(err, agentclient.ErrAgentGone) {
+		t.Errorf("DialUntil to a silent peer that ended = %v, want ErrAgentGone", err)
+	}
+
+	host, guest2 := guesttest.SocketPair(t)
+	defer guest2.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	_, err = agentclient.DialUntil(ctx, host, make(chan struct{}), agentclient.Options{})
+	if !errors.Is(err, context.DeadlineExceeded) || errors.Is(err, agentclient.ErrAgentGone) {
+		t.Errorf("DialUntil to a silent peer past ctx = %v, want context.DeadlineExceeded only", err)
+	}
+}
+
 func BenchmarkExecTrue(b *testing.B) {
 	e := start(b, agentclient.Options{})
 	ctx := context.Background()

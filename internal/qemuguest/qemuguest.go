@@ -238,36 +238,16 @@ func Start(ctx context.Context, cfg Config) (_ *Guest, err error) {
 	if err != nil {
 		return nil, err
 	}
-	type dialed struct {
-		c   *agentclient.Client
-		err error
-	}
-	ch := make(chan dialed, 1)
-	dctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	go func() {
-		c, err := agentclient.Dial(dctx, conn, agentclient.Options{
-			Logger: cfg.Logger, Hostname: cfg.Hostname, Env: cfg.Env, Net: g.net,
-		})
-		ch <- dialed{c, err}
-	}()
-	select {
-	case d := <-ch:
-		if d.err != nil {
-			select {
-			case <-g.exit:
-				return nil, g.exitError()
-			case <-time.After(200 * time.Millisecond):
-			}
-			return nil, fmt.Errorf("qemuguest: connect to the guest agent: %w (console: %s)", d.err, g.consoleTail())
+	g.agent, err = agentclient.DialUntil(ctx, conn, g.exit, agentclient.Options{
+		Logger: cfg.Logger, Hostname: cfg.Hostname, Env: cfg.Env, Net: g.net,
+	})
+	if err != nil {
+		select {
+		case <-g.exit:
+			return nil, g.exitError()
+		case <-time.After(200 * time.Millisecond):
 		}
-		g.agent = d.c
-	case <-g.exit:
-		cancel()
-		if d := <-ch; d.c != nil {
-			d.c.Close()
-		}
-		return nil, g.exitError()
+		return nil, fmt.Errorf("qemuguest: connect to the guest agent: %w (console: %s)", err, g.consoleTail())
 	}
 	g.mu.Lock()
 	g.phases.AgentConnected = time.Now()
