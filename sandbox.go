@@ -150,7 +150,7 @@ type Sandbox struct {
 	agent  *agentclient.Client
 	hvclog *vmm.RingLog
 	devs   []*pci.Transport // for deviceState
-	disks  *rootDisks // nil without an image
+	disks  *rootDisks       // nil without an image
 	net    *netstack.Network
 	user   string // the image's default user spec
 
