@@ -8,45 +8,17 @@ import (
 
 	"github.com/gosandbox/sandbox/virtio"
 	vnet "github.com/gosandbox/sandbox/virtio/net"
-	"github.com/gosandbox/sandbox/virtio/pci"
 	"github.com/gosandbox/sandbox/virtio/virtiotest"
-	"github.com/gosandbox/sandbox/vmm/guestmem"
 )
 
 // TestOverPCI drives the device through the real virtio-pci transport the
 // way Linux does (conf1 enumeration, MSI-X, ioeventfd kicks): features,
 // config space, one frame each way, then a driver reset.
 func TestOverPCI(t *testing.T) {
-	mem, err := guestmem.New(256 << 20)
-	if err != nil {
-		t.Fatal(err)
-	}
-	host := virtiotest.NewHost()
-	bus, err := pci.New(pci.Config{Mem: mem, Interrupts: host, Ioevents: host})
-	if err != nil {
-		t.Fatal(err)
-	}
-	host.Target = bus
-	t.Cleanup(func() {
-		bus.Close()
-		if n := host.LiveMSIs(); n != 0 {
-			t.Errorf("%d MSIs live after Close", n)
-		}
-		if n := host.Ioevents(); n != 0 {
-			t.Errorf("%d ioevents live after Close", n)
-		}
-		mem.Close()
-	})
+	rig := virtiotest.NewPCIRig(t, 256<<20, true)
 	b := newRecBackend()
 	dev := newDevice(t, b, vnet.Options{MTU: 1500})
-	tr, err := bus.AddVirtio(dev)
-	if err != nil {
-		t.Fatal(err)
-	}
-	v, err := virtiotest.NewPCIDriver(host, mem).Probe(tr.Slot())
-	if err != nil {
-		t.Fatal(err)
-	}
+	tr, v := rig.Attach(t, dev)
 	if id := v.D.ConfigRead(tr.Slot(), 0, 2, 2); id != 0x1040+uint32(virtio.TypeNet) {
 		t.Errorf("PCI device ID %#x, want %#x", id, 0x1040+uint32(virtio.TypeNet))
 	}

@@ -6,9 +6,7 @@ import (
 
 	"github.com/gosandbox/sandbox/virtio"
 	"github.com/gosandbox/sandbox/virtio/p9"
-	"github.com/gosandbox/sandbox/virtio/pci"
 	"github.com/gosandbox/sandbox/virtio/virtiotest"
-	"github.com/gosandbox/sandbox/vmm/guestmem"
 )
 
 // TestOverPCI attaches the device to a real virtio-pci bus and drives it
@@ -16,37 +14,13 @@ import (
 // device config, negotiate, then version/attach/walk/open/read with MSI-X
 // interrupts and ioeventfd kicks.
 func TestOverPCI(t *testing.T) {
-	mem, err := guestmem.New(64 << 20)
-	if err != nil {
-		t.Fatal(err)
-	}
-	host := virtiotest.NewHost()
-	bus, err := pci.New(pci.Config{Mem: mem, Interrupts: host, Ioevents: host})
-	if err != nil {
-		t.Fatal(err)
-	}
-	host.Target = bus
-	t.Cleanup(func() {
-		if err := bus.Close(); err != nil {
-			t.Errorf("bus Close: %v", err)
-		}
-		if n := host.Ioevents(); n != 0 {
-			t.Errorf("%d ioevents left after Close", n)
-		}
-		mem.Close()
-	})
+	rig := virtiotest.NewPCIRig(t, 64<<20, true)
 	dev, err := p9.New(p9.Options{Tag: "hostshare", Attacher: staticTree(t), MaxMessage: 16 << 10})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := bus.AddVirtio(dev); err != nil {
-		t.Fatal(err)
-	}
-	drv := virtiotest.NewPCIDriver(host, mem)
-	v, err := drv.Probe(1)
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, v := rig.Attach(t, dev)
+	drv := rig.Driver
 	if v.DeviceFeatures()&p9.FeatureMountTag == 0 {
 		t.Fatal("VIRTIO_9P_MOUNT_TAG not offered over PCI")
 	}

@@ -33,37 +33,9 @@ type rig struct {
 // newRig builds a bus with rng (slot 1), blk (slot 2) and console (slot 3).
 func newRig(t *testing.T, ioevents bool) *rig {
 	t.Helper()
-	mem, err := guestmem.New(256 << 20)
-	if err != nil {
-		t.Fatal(err)
-	}
-	host := virtiotest.NewHost()
-	cfg := pci.Config{Mem: mem, Interrupts: host}
-	if ioevents {
-		cfg.Ioevents = host
-	}
-	bus, err := pci.New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	host.Target = bus
-	r := &rig{t: t, mem: mem, host: host, bus: bus, drv: virtiotest.NewPCIDriver(host, mem)}
-	t.Cleanup(func() {
-		if err := bus.Close(); err != nil {
-			t.Errorf("bus Close: %v", err)
-		}
-		bus.Close()
-		if n := host.LiveMSIs(); n != 0 {
-			t.Errorf("%d MSI triggers not released after Close", n)
-		}
-		if n := host.Ioevents(); n != 0 {
-			t.Errorf("%d ioevents not released after Close", n)
-		}
-		mem.Close()
-	})
-	if r.rng, err = bus.AddVirtio(rng.New(nil)); err != nil {
-		t.Fatal(err)
-	}
+	pr := virtiotest.NewPCIRig(t, 256<<20, ioevents)
+	r := &rig{t: t, mem: pr.Mem, host: pr.Host, bus: pr.Bus, drv: pr.Driver}
+	r.rng = pr.Add(t, rng.New(nil))
 	f, err := os.Create(filepath.Join(t.TempDir(), "disk"))
 	if err != nil {
 		t.Fatal(err)
@@ -74,16 +46,12 @@ func newRig(t *testing.T, ioevents bool) *rig {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if r.blk, err = bus.AddVirtio(bd); err != nil {
-		t.Fatal(err)
-	}
+	r.blk = pr.Add(t, bd)
 	cd, err := console.New(console.Options{Ports: []string{"gosandbox.agent"}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if r.cons, err = bus.AddVirtio(cd); err != nil {
-		t.Fatal(err)
-	}
+	r.cons = pr.Add(t, cd)
 	return r
 }
 

@@ -4,8 +4,9 @@
 // can be tested without a VM. It also provides pure-Go implementations of
 // virtio.Interrupts and virtio.Ioevents (Host), a PCI-level driver that
 // enumerates and programs a virtio-pci function through config ports and
-// MMIO like Linux does (PCIDriver), and a conformance suite (TestDevice)
-// that throws hostile rings at a device.
+// MMIO like Linux does (PCIDriver), a ready-wired virtio-pci bus with such
+// a driver and leak checks at cleanup (PCIRig), and a conformance suite
+// (TestDevice) that throws hostile rings at a device.
 package virtiotest
 
 import (
