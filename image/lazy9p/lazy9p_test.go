@@ -2,104 +2,30 @@ package lazy9p_test
 
 import (
 	"archive/tar"
-	"bytes"
-	"context"
 	"errors"
 	"io"
-	"log"
 	"net"
-	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/containerd/stargz-snapshotter/estargz"
-	"github.com/google/go-containerregistry/pkg/name"
-	"github.com/google/go-containerregistry/pkg/registry"
-	"github.com/google/go-containerregistry/pkg/v1/empty"
-	"github.com/google/go-containerregistry/pkg/v1/mutate"
-	"github.com/google/go-containerregistry/pkg/v1/remote"
-	"github.com/google/go-containerregistry/pkg/v1/tarball"
-	"github.com/gosandbox/sandbox/image"
-	"github.com/gosandbox/sandbox/image/lazy9p"
 	"github.com/hugelgupf/p9/linux"
 	"github.com/hugelgupf/p9/p9"
+
+	"github.com/gosandbox/sandbox/image/lazy9p"
+	"github.com/gosandbox/sandbox/internal/testimage"
+	"github.com/gosandbox/sandbox/internal/testimage/testlazy"
 )
-
-type ent struct {
-	name, body, link string
-	typ              byte
-	mode             int64
-}
-
-func layerTar(t *testing.T, ents ...ent) []byte {
-	var buf bytes.Buffer
-	tw := tar.NewWriter(&buf)
-	for _, e := range ents {
-		h := &tar.Header{Name: e.name, Typeflag: e.typ, Mode: e.mode, Linkname: e.link, ModTime: time.Unix(1700000000, 0)}
-		if h.Typeflag == 0 {
-			h.Typeflag, h.Size = tar.TypeReg, int64(len(e.body))
-		}
-		if err := tw.WriteHeader(h); err != nil {
-			t.Fatal(err)
-		}
-		_, _ = tw.Write([]byte(e.body))
-	}
-	_ = tw.Close()
-	return buf.Bytes()
-}
-
-// lazyImage pushes an eStargz image made of layers to an in-process
-// registry and opens it lazily.
-func lazyImage(t *testing.T, layers ...[]byte) *image.LazyImage {
-	srv := httptest.NewServer(registry.New(registry.Logger(log.New(io.Discard, "", 0))))
-	t.Cleanup(srv.Close)
-	img := empty.Image
-	for _, l := range layers {
-		blob, err := estargz.Build(io.NewSectionReader(bytes.NewReader(l), 0, int64(len(l))), estargz.WithCompressionLevel(1), estargz.WithChunkSize(4096))
-		if err != nil {
-			t.Fatal(err)
-		}
-		data, _ := io.ReadAll(blob)
-		_ = blob.Close()
-		layer, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(data)), nil })
-		if err != nil {
-			t.Fatal(err)
-		}
-		if img, err = mutate.Append(img, mutate.Addendum{Layer: layer, Annotations: map[string]string{estargz.TOCJSONDigestAnnotation: blob.TOCDigest().String()}}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	cf, _ := img.ConfigFile()
-	cf = cf.DeepCopy()
-	cf.OS, cf.Architecture = "linux", "amd64"
-	img, _ = mutate.ConfigFile(img, cf)
-	ref := strings.TrimPrefix(srv.URL, "http://") + "/lazy9p:1"
-	r, _ := name.ParseReference(ref)
-	if err := remote.Write(r, img); err != nil {
-		t.Fatal(err)
-	}
-	s, err := image.Open(image.WithRoot(t.TempDir()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = s.Close() })
-	li, err := s.OpenLazy(context.Background(), ref)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = li.Close() })
-	return li
-}
 
 // TestServe9P mounts the lazy image through a real 9P client and server
 // (hugelgupf/p9) over an in-memory connection.
 func TestServe9P(t *testing.T) {
 	big := strings.Repeat("0123456789abcdef", 4096) // 64 KiB: several chunks
-	li := lazyImage(t,
-		layerTar(t, ent{name: "bin/", typ: tar.TypeDir, mode: 0o755}, ent{name: "bin/tool", body: big, mode: 0o755},
-			ent{name: "bin/sh", typ: tar.TypeSymlink, link: "tool", mode: 0o777}, ent{name: "etc/gone", body: "x", mode: 0o644}),
-		layerTar(t, ent{name: "etc/", typ: tar.TypeDir, mode: 0o755}, ent{name: "etc/.wh.gone", mode: 0o644}, ent{name: "etc/motd", body: "hi\n", mode: 0o644}),
+	type e = testimage.Entry
+	li := testlazy.Open(t,
+		testimage.Tar(t, e{Name: "bin/", Type: tar.TypeDir, Mode: 0o755}, e{Name: "bin/tool", Body: big, Mode: 0o755},
+			e{Name: "bin/sh", Type: tar.TypeSymlink, Link: "tool", Mode: 0o777}, e{Name: "etc/gone", Body: "x", Mode: 0o644}),
+		testimage.Tar(t, e{Name: "etc/", Type: tar.TypeDir, Mode: 0o755}, e{Name: "etc/.wh.gone", Mode: 0o644}, e{Name: "etc/motd", Body: "hi\n", Mode: 0o644}),
 	)
 	srvConn, cliConn := net.Pipe()
 	server := p9.NewServer(lazy9p.New(li))

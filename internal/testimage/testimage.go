@@ -11,16 +11,20 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"log"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
 	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/google/go-containerregistry/pkg/registry"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/layout"
@@ -214,6 +218,16 @@ func Push(t testing.TB, ref string, img v1.Image) {
 	}
 }
 
+// StartLocalRegistry serves go-containerregistry's in-process registry
+// (quiet, in memory) on a loopback port until the test ends and returns
+// its host:port. Unlike StartRegistry it needs nothing installed.
+func StartLocalRegistry(t testing.TB) string {
+	t.Helper()
+	srv := httptest.NewServer(registry.New(registry.Logger(log.New(io.Discard, "", 0))))
+	t.Cleanup(srv.Close)
+	return strings.TrimPrefix(srv.URL, "http://")
+}
+
 // StartRegistry runs Debian's docker-registry (distribution) on a free
 // loopback port until the test ends and returns its host:port.
 func StartRegistry(t testing.TB) string {
@@ -276,9 +290,21 @@ func StartRegistry(t testing.TB) string {
 // annotation lazy pulling needs.
 func BuildEStargz(t testing.TB, cfg v1.Config, prio [][]string, layers ...[]byte) v1.Image {
 	t.Helper()
+	return buildEStargz(t, 64<<10, cfg, prio, layers)
+}
+
+// BuildEStargzChunks is BuildEStargz with chunkSize-byte chunks and no
+// prioritized files: small chunks let a small test file span many of them.
+func BuildEStargzChunks(t testing.TB, chunkSize int, cfg v1.Config, layers ...[]byte) v1.Image {
+	t.Helper()
+	return buildEStargz(t, chunkSize, cfg, nil, layers)
+}
+
+func buildEStargz(t testing.TB, chunkSize int, cfg v1.Config, prio [][]string, layers [][]byte) v1.Image {
+	t.Helper()
 	img := empty.Image
 	for i, l := range layers {
-		opts := []estargz.Option{estargz.WithChunkSize(64 << 10), estargz.WithCompressionLevel(1)}
+		opts := []estargz.Option{estargz.WithChunkSize(chunkSize), estargz.WithCompressionLevel(1)}
 		if i < len(prio) && prio[i] != nil {
 			opts = append(opts, estargz.WithPrioritizedFiles(prio[i]))
 		}
