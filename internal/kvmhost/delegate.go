@@ -83,11 +83,18 @@ const EmulatorFaultMarker = "kvmhost: emulator fault:"
 // the code under test, and what it was: a kernel Oops on an int3 (a CPU
 // executing a breakpoint byte after live code patching completed, which
 // the patching protocol rules out on hardware; QEMU's emulated nested
-// paging has shown stale code under it). Tests call it only in mode
-// Inside and log EmulatorFaultMarker with the reason.
+// paging has shown stale code under it), or a double fault at the first
+// instruction of the 64-bit syscall entry (an event delivered there, with
+// the user stack still loaded, which SYSCALL's flag mask rules out on
+// hardware; QEMU's nested SVM has delivered one under heavy interrupt
+// load). Tests call it only in mode Inside and log EmulatorFaultMarker
+// with the reason.
 func GuestEmulatorFault(console string) (string, bool) {
 	if strings.Contains(console, "Oops: int3") {
 		return "the guest kernel hit a stale int3 (live code patching seen incoherently by another vCPU)", true
+	}
+	if strings.Contains(console, "PANIC: double fault") && strings.Contains(console, "RIP: 0010:entry_SYSCALL_64+0x0/") {
+		return "the guest kernel double-faulted at the first instruction of its syscall entry (an event delivered on the user stack)", true
 	}
 	return "", false
 }

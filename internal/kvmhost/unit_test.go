@@ -877,3 +877,25 @@ func TestAcquireSlot(t *testing.T) {
 	b.unlock()
 	c.unlock()
 }
+
+func TestGuestEmulatorFault(t *testing.T) {
+	doubleFault := "[  121.036449] traps: PANIC: double fault, error_code: 0x0\n" +
+		"[  121.036449] Oops: double fault: 0000 [#1] SMP NOPTI\n" +
+		"[  121.043082] RIP: 0010:entry_SYSCALL_64+0x0/0x2b\n" +
+		"[  121.057463] Kernel panic - not syncing: Fatal exception in interrupt\n"
+	for _, c := range []struct {
+		name, console string
+		want          bool
+	}{
+		{"stale int3", "[ 3.1] Oops: int3: 0000 [#1] SMP NOPTI\n", true},
+		{"double fault at syscall entry", doubleFault, true},
+		{"double fault elsewhere (kernel stack overflow)", "traps: PANIC: double fault, error_code: 0x0\nRIP: 0010:memcpy+0x12/0x30\n", false},
+		{"sysrq panic", "Kernel panic - not syncing: sysrq triggered crash\n", false},
+		{"clean boot", "[ 0.1] Linux version 7.1.2\n", false},
+	} {
+		why, got := GuestEmulatorFault(c.console)
+		if got != c.want || got != (why != "") {
+			t.Errorf("%s: GuestEmulatorFault = %q, %v; want %v", c.name, why, got, c.want)
+		}
+	}
+}
