@@ -11,6 +11,8 @@ import (
 
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+
+	"github.com/gosandbox/sandbox/netstack/netstacktest"
 )
 
 const benchChunk = 64 << 10
@@ -27,12 +29,12 @@ func BenchmarkTCPGuestToHost(b *testing.B) {
 			name += "/tso"
 		}
 		b.Run(name, func(b *testing.B) {
-			sink := startEcho(b, "127.0.0.1:0", true)
+			sink := netstacktest.StartEcho(b, "127.0.0.1:0", true)
 			n, g := newTestNetwork(b, Config{MTU: tc.mtu, Rules: mustRules(b, "allow@host")})
 			if tc.tso {
 				g.useGuestTSO()
 			}
-			c, err := g.dialTCP(netip.AddrPortFrom(n.Guest().GatewayIPv4, sink.port()))
+			c, err := g.dialTCP(netip.AddrPortFrom(n.Guest().GatewayIPv4, sink.Port()))
 			if err != nil {
 				b.Fatal(err)
 			}
@@ -47,7 +49,7 @@ func BenchmarkTCPGuestToHost(b *testing.B) {
 				}
 			}
 			want := int64(b.N) * benchChunk
-			for sink.received.Load() < want {
+			for sink.Received.Load() < want {
 				time.Sleep(100 * time.Microsecond)
 			}
 		})
@@ -120,9 +122,9 @@ func BenchmarkTCPHostToGuest(b *testing.B) {
 // BenchmarkTCPConnect measures guest connection setup to a host server: SYN
 // through the stack, policy check, host dial, one byte each way, close.
 func BenchmarkTCPConnect(b *testing.B) {
-	echo := startEcho(b, "127.0.0.1:0", false)
+	echo := netstacktest.StartEcho(b, "127.0.0.1:0", false)
 	n, g := newTestNetwork(b, Config{Rules: mustRules(b, "allow@host"), Limits: Limits{MaxConnections: MaxConnectionsLimit}})
-	dst := netip.AddrPortFrom(n.Guest().GatewayIPv4, echo.port())
+	dst := netip.AddrPortFrom(n.Guest().GatewayIPv4, echo.Port())
 	one := []byte{1}
 	b.ReportAllocs()
 	b.ResetTimer()

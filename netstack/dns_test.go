@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"golang.org/x/net/dns/dnsmessage"
+
+	"github.com/gosandbox/sandbox/netstack/netstacktest"
 )
 
 var testZone = map[string][]netip.Addr{
@@ -158,8 +160,8 @@ func TestDNSRebindAllowedByAddressRule(t *testing.T) {
 
 func TestDNSPinning(t *testing.T) {
 	res := startResolver(t, testZone)
-	echo := startEcho(t, "127.0.0.1:0", false)
-	target := "127.0.0.1:" + strconv.Itoa(int(echo.port()))
+	echo := netstacktest.StartEcho(t, "127.0.0.1:0", false)
+	target := "127.0.0.1:" + strconv.Itoa(int(echo.Port()))
 	d := &mapDialer{m: map[string]string{
 		"198.51.100.7:443": target, "198.51.100.8:443": target, "198.51.100.9:443": target,
 	}}
@@ -203,7 +205,7 @@ func TestDNSPinning(t *testing.T) {
 	if err := try(netip.MustParseAddrPort("198.51.100.9:443")); err != nil {
 		t.Errorf("*.cdn.test rule: %v", err)
 	}
-	if got := echo.accepted.Load(); got != 2 {
+	if got := echo.Accepted.Load(); got != 2 {
 		t.Errorf("target accepted %d connections, want 2", got)
 	}
 	if n.pins.len() == 0 {

@@ -24,6 +24,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/icmp"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
+
+	"github.com/gosandbox/sandbox/netstack/netstacktest"
 )
 
 // testGuest is a second gVisor stack playing the guest, wired frame to frame
@@ -118,26 +120,8 @@ func attachGuest(t testing.TB, n *Network) *testGuest {
 	if err := g.s.CreateNIC(1, g.ep); err != nil {
 		t.Fatalf("guest CreateNIC: %v", err)
 	}
-	must := func(err tcpip.Error) {
-		t.Helper()
-		if err != nil {
-			t.Fatalf("guest stack setup: %v", err)
-		}
-	}
-	must(g.s.AddProtocolAddress(1, tcpip.ProtocolAddress{Protocol: ipv4.ProtocolNumber,
-		AddressWithPrefix: tcpip.AddressWithPrefix{Address: tcpip.AddrFrom4(g.cfg.IPv4.Addr().As4()), PrefixLen: 30}}, stack.AddressProperties{}))
-	routes := []tcpip.Route{
-		{Destination: subnet(g.cfg.IPv4), NIC: 1},
-		{Destination: header.IPv4EmptySubnet, Gateway: tcpip.AddrFrom4(g.cfg.GatewayIPv4.As4()), NIC: 1},
-	}
-	if g.cfg.IPv6.IsValid() {
-		must(g.s.AddProtocolAddress(1, tcpip.ProtocolAddress{Protocol: ipv6.ProtocolNumber,
-			AddressWithPrefix: tcpip.AddressWithPrefix{Address: tcpip.AddrFrom16(g.cfg.IPv6.Addr().As16()), PrefixLen: 64}}, stack.AddressProperties{}))
-		routes = append(routes,
-			tcpip.Route{Destination: subnet(g.cfg.IPv6), NIC: 1},
-			tcpip.Route{Destination: header.IPv6EmptySubnet, Gateway: tcpip.AddrFrom16(g.cfg.GatewayIPv6.As16()), NIC: 1})
-	}
-	g.s.SetRouteTable(routes)
+	netstacktest.ConfigureGuest(t, g.s, 1, netstacktest.GuestAddrs{IPv4: g.cfg.IPv4, GatewayIPv4: g.cfg.GatewayIPv4,
+		IPv6: g.cfg.IPv6, GatewayIPv6: g.cfg.GatewayIPv6})
 	g.wg.Add(2)
 	go func() {
 		defer g.wg.Done()
@@ -235,60 +219,6 @@ func (g *testGuest) lookup(name string) ([]netip.Addr, error) {
 	defer cancel()
 	return g.resolver(false).LookupNetIP(ctx, "ip", name)
 }
-
-// echoServer is a TCP echo server on loopback that counts connections.
-type echoServer struct {
-	ln       net.Listener
-	accepted atomic.Int64
-	received atomic.Int64
-	wg       sync.WaitGroup
-	sink     bool
-}
-
-func startEcho(t testing.TB, addr string, sink bool) *echoServer {
-	t.Helper()
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		t.Skipf("cannot listen on %s: %v", addr, err)
-	}
-	e := &echoServer{ln: ln, sink: sink}
-	e.wg.Add(1)
-	go func() {
-		defer e.wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			e.accepted.Add(1)
-			e.wg.Add(1)
-			go func() {
-				defer e.wg.Done()
-				defer c.Close()
-				buf := make([]byte, 256<<10)
-				for {
-					nr, err := c.Read(buf)
-					e.received.Add(int64(nr))
-					if nr > 0 && !e.sink {
-						if _, werr := c.Write(buf[:nr]); werr != nil {
-							return
-						}
-					}
-					if err != nil {
-						return
-					}
-				}
-			}()
-		}
-	}()
-	t.Cleanup(func() {
-		ln.Close()
-		e.wg.Wait()
-	})
-	return e
-}
-
-func (e *echoServer) port() uint16 { return uint16(e.ln.Addr().(*net.TCPAddr).Port) }
 
 // startUDPEcho runs a UDP echo server on addr and counts datagrams.
 func startUDPEcho(t testing.TB, addr string) (*net.UDPConn, *atomic.Int64) {

@@ -6,6 +6,8 @@ import (
 	"net/netip"
 	"testing"
 	"time"
+
+	"github.com/gosandbox/sandbox/netstack/netstacktest"
 )
 
 func waitFor(t *testing.T, what string, cond func() bool) {
@@ -20,7 +22,7 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 }
 
 func TestIdleTimeouts(t *testing.T) {
-	echo := startEcho(t, "127.0.0.1:0", false)
+	echo := netstacktest.StartEcho(t, "127.0.0.1:0", false)
 	uc, _ := startUDPEcho(t, "127.0.0.1:0")
 	n, g := newTestNetwork(t, Config{
 		Rules:          mustRules(t, "allow@host"),
@@ -28,7 +30,7 @@ func TestIdleTimeouts(t *testing.T) {
 		UDPIdleTimeout: 100 * time.Millisecond,
 	})
 	gw := n.Guest().GatewayIPv4
-	c, err := g.dialTCP(netip.AddrPortFrom(gw, echo.port()))
+	c, err := g.dialTCP(netip.AddrPortFrom(gw, echo.Port()))
 	if err != nil {
 		t.Fatal(err)
 	}

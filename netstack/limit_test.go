@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/gosandbox/sandbox/netstack/netstacktest"
 )
 
 func TestTokenBucket(t *testing.T) {
@@ -46,7 +48,7 @@ func TestTokenBucket(t *testing.T) {
 }
 
 func TestBandwidthLimit(t *testing.T) {
-	echo := startEcho(t, "127.0.0.1:0", false)
+	echo := netstacktest.StartEcho(t, "127.0.0.1:0", false)
 	const rate = 64 << 10
 	const size = 512 << 10
 	for _, limited := range []bool{true, false} {
@@ -63,7 +65,7 @@ func TestBandwidthLimit(t *testing.T) {
 				Clock:  clk,
 				Limits: Limits{EgressBytes: lim, IngressBytes: lim},
 			})
-			c, err := g.dialTCP(netip.AddrPortFrom(n.Guest().GatewayIPv4, echo.port()))
+			c, err := g.dialTCP(netip.AddrPortFrom(n.Guest().GatewayIPv4, echo.Port()))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -102,14 +104,14 @@ func TestBandwidthLimit(t *testing.T) {
 }
 
 func TestPacketRateLimit(t *testing.T) {
-	echo := startEcho(t, "127.0.0.1:0", false)
+	echo := netstacktest.StartEcho(t, "127.0.0.1:0", false)
 	clk := newFakeClock()
 	n, g := newTestNetwork(t, Config{
 		Rules:  mustRules(t, "allow@host"),
 		Clock:  clk,
 		Limits: Limits{EgressPackets: RateLimit{Rate: 100, Burst: 5}},
 	})
-	c, err := g.dialTCP(netip.AddrPortFrom(n.Guest().GatewayIPv4, echo.port()))
+	c, err := g.dialTCP(netip.AddrPortFrom(n.Guest().GatewayIPv4, echo.Port()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -128,9 +130,9 @@ func TestPacketRateLimit(t *testing.T) {
 }
 
 func TestConnectionLimit(t *testing.T) {
-	echo := startEcho(t, "127.0.0.1:0", false)
+	echo := netstacktest.StartEcho(t, "127.0.0.1:0", false)
 	n, g := newTestNetwork(t, Config{Rules: mustRules(t, "allow@host"), Limits: Limits{MaxConnections: 2}})
-	dst := netip.AddrPortFrom(n.Guest().GatewayIPv4, echo.port())
+	dst := netip.AddrPortFrom(n.Guest().GatewayIPv4, echo.Port())
 	var conns []net.Conn
 	for i := range 2 {
 		c, err := g.dialTCP(dst)
@@ -147,7 +149,7 @@ func TestConnectionLimit(t *testing.T) {
 		c.Close()
 		t.Fatal("third connection accepted with MaxConnections 2")
 	}
-	if got := echo.accepted.Load(); got != 2 {
+	if got := echo.Accepted.Load(); got != 2 {
 		t.Errorf("echo server accepted %d, want 2", got)
 	}
 	if s := n.Stats(); s.FlowsOverLimit != 1 || s.ActiveFlows != 2 {
@@ -188,7 +190,7 @@ func TestConfigValidation(t *testing.T) {
 }
 
 func TestCloseReleasesEverything(t *testing.T) {
-	echo := startEcho(t, "127.0.0.1:0", false)
+	echo := netstacktest.StartEcho(t, "127.0.0.1:0", false)
 	udpSrv, _ := startUDPEcho(t, "127.0.0.1:0")
 	res := startResolver(t, testZone)
 	pool, err := NewPool(DefaultIPv4Pool, DefaultIPv6Pool)
@@ -206,7 +208,7 @@ func TestCloseReleasesEverything(t *testing.T) {
 		g := attachGuest(t, n)
 		gw := n.Guest().GatewayIPv4
 		// Leave flows of every kind open when Close runs.
-		c, err := g.dialTCP(netip.AddrPortFrom(gw, echo.port()))
+		c, err := g.dialTCP(netip.AddrPortFrom(gw, echo.Port()))
 		if err != nil {
 			t.Fatal(err)
 		}

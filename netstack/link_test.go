@@ -14,6 +14,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
+
+	"github.com/gosandbox/sandbox/netstack/netstacktest"
 )
 
 // frameNet is a Network whose host→guest frames land in a channel, for tests
@@ -294,13 +296,13 @@ func checkEchoReply(t *testing.T, f []byte, from netip.Addr, id, seq uint16, dat
 }
 
 func TestChecksumOffload(t *testing.T) {
-	echo := startEcho(t, "127.0.0.1:0", false)
-	echo6 := startEcho(t, "[::1]:0", false)
+	echo := netstacktest.StartEcho(t, "127.0.0.1:0", false)
+	echo6 := netstacktest.StartEcho(t, "[::1]:0", false)
 	n, g := newTestNetwork(t, Config{Rules: mustRules(t, "allow@host")})
 	g.offload.Store(true)
 	for _, dst := range []netip.AddrPort{
-		netip.AddrPortFrom(n.Guest().GatewayIPv4, echo.port()),
-		netip.AddrPortFrom(n.Guest().GatewayIPv6, echo6.port()),
+		netip.AddrPortFrom(n.Guest().GatewayIPv4, echo.Port()),
+		netip.AddrPortFrom(n.Guest().GatewayIPv6, echo6.Port()),
 	} {
 		c, err := g.dialTCP(dst)
 		if err != nil {
@@ -394,10 +396,10 @@ func guestSink(t *testing.T, g *testGuest, ap netip.AddrPort) chan []byte {
 }
 
 func TestGuestToHostTSO(t *testing.T) {
-	sink := startEcho(t, "127.0.0.1:0", true)
+	sink := netstacktest.StartEcho(t, "127.0.0.1:0", true)
 	n, g := newTestNetwork(t, Config{MTU: 1500, Rules: mustRules(t, "allow@host")})
 	g.useGuestTSO()
-	c, err := g.dialTCP(netip.AddrPortFrom(n.Guest().GatewayIPv4, sink.port()))
+	c, err := g.dialTCP(netip.AddrPortFrom(n.Guest().GatewayIPv4, sink.Port()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -407,7 +409,7 @@ func TestGuestToHostTSO(t *testing.T) {
 		t.Fatal(err)
 	}
 	c.Close()
-	waitFor(t, "the sink to receive everything", func() bool { return sink.received.Load() == int64(len(msg)) })
+	waitFor(t, "the sink to receive everything", func() bool { return sink.Received.Load() == int64(len(msg)) })
 	if g.oversized.Load() == 0 {
 		t.Error("the guest sent no segment above the MTU; TSO path not exercised")
 	}

@@ -19,6 +19,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+
+	"github.com/gosandbox/sandbox/netstack/netstacktest"
 )
 
 func mustRules(t testing.TB, rules ...string) []Rule {
@@ -31,17 +33,17 @@ func mustRules(t testing.TB, rules ...string) []Rule {
 }
 
 func TestHostAliasTCP(t *testing.T) {
-	echo := startEcho(t, "127.0.0.1:0", false)
+	echo := netstacktest.StartEcho(t, "127.0.0.1:0", false)
 	t.Run("denied by default", func(t *testing.T) {
 		n, g := newTestNetwork(t, Config{})
-		_, err := g.dialTCP(netip.AddrPortFrom(n.Guest().GatewayIPv4, echo.port()))
+		_, err := g.dialTCP(netip.AddrPortFrom(n.Guest().GatewayIPv4, echo.Port()))
 		if err == nil {
 			t.Fatal("guest connected to the host's loopback without allow@host")
 		}
 		if !errors.Is(err, syscall.ECONNREFUSED) && !strings.Contains(err.Error(), "refused") {
 			t.Errorf("dial error = %v, want connection refused", err)
 		}
-		if got := echo.accepted.Load(); got != 0 {
+		if got := echo.Accepted.Load(); got != 0 {
 			t.Errorf("echo server accepted %d connections, want 0", got)
 		}
 		if s := n.Stats(); s.FlowsDenied == 0 {
@@ -50,7 +52,7 @@ func TestHostAliasTCP(t *testing.T) {
 	})
 	t.Run("allowed", func(t *testing.T) {
 		n, g := newTestNetwork(t, Config{Rules: mustRules(t, "allow@host:tcp")})
-		c, err := g.dialTCP(netip.AddrPortFrom(n.Guest().GatewayIPv4, echo.port()))
+		c, err := g.dialTCP(netip.AddrPortFrom(n.Guest().GatewayIPv4, echo.Port()))
 		if err != nil {
 			t.Fatalf("dial via host alias: %v", err)
 		}
@@ -67,33 +69,33 @@ func TestHostAliasTCP(t *testing.T) {
 		if rest, err := io.ReadAll(c); err != nil || len(rest) != 0 {
 			t.Errorf("after CloseWrite: read %d bytes, err %v; want EOF", len(rest), err)
 		}
-		if got := echo.accepted.Load(); got != 1 {
+		if got := echo.Accepted.Load(); got != 1 {
 			t.Errorf("echo server accepted %d, want 1", got)
 		}
 	})
 	t.Run("port rule", func(t *testing.T) {
 		n, g := newTestNetwork(t, Config{Rules: mustRules(t, "allow@host:tcp:1-2")})
-		before := echo.accepted.Load()
-		if c, err := g.dialTCP(netip.AddrPortFrom(n.Guest().GatewayIPv4, echo.port())); err == nil {
+		before := echo.Accepted.Load()
+		if c, err := g.dialTCP(netip.AddrPortFrom(n.Guest().GatewayIPv4, echo.Port())); err == nil {
 			c.Close()
 			t.Fatal("connected to a port outside the allowed range")
 		}
-		if echo.accepted.Load() != before {
+		if echo.Accepted.Load() != before {
 			t.Error("echo server saw a connection")
 		}
 	})
 }
 
 func TestIPv6HostLoopback(t *testing.T) {
-	echo := startEcho(t, "[::1]:0", false)
+	echo := netstacktest.StartEcho(t, "[::1]:0", false)
 	n, g := newTestNetwork(t, Config{Rules: mustRules(t, "allow@host")})
 	gw6 := n.Guest().GatewayIPv6
 	if !gw6.IsValid() {
 		t.Fatal("no IPv6 gateway")
 	}
-	c, err := g.dialTCP(netip.AddrPortFrom(gw6, echo.port()))
+	c, err := g.dialTCP(netip.AddrPortFrom(gw6, echo.Port()))
 	if err != nil {
-		t.Fatalf("dial [gw6]:%d: %v", echo.port(), err)
+		t.Fatalf("dial [gw6]:%d: %v", echo.Port(), err)
 	}
 	defer c.Close()
 	if got, err := roundTrip(c, []byte("over ipv6")); err != nil || string(got) != "over ipv6" {
@@ -157,8 +159,8 @@ func roundTripUDP(c net.Conn, msg []byte) ([]byte, error) {
 }
 
 func TestEgressPolicyMatrix(t *testing.T) {
-	echo := startEcho(t, "127.0.0.1:0", false)
-	target := "127.0.0.1:" + strconv.Itoa(int(echo.port()))
+	echo := netstacktest.StartEcho(t, "127.0.0.1:0", false)
+	target := "127.0.0.1:" + strconv.Itoa(int(echo.Port()))
 	cases := []struct {
 		name  string
 		rules []string
@@ -193,7 +195,7 @@ func TestEgressPolicyMatrix(t *testing.T) {
 			d := &mapDialer{m: map[string]string{netip.AddrPortFrom(dst, 80).String(): target}}
 			n, g := newTestNetwork(t, Config{Rules: mustRules(t, tc.rules...), DefaultEgress: tc.def, Dialer: d})
 			_ = n
-			before := echo.accepted.Load()
+			before := echo.Accepted.Load()
 			c, err := g.dialTCP(netip.AddrPortFrom(dst, 80))
 			if tc.allow {
 				if err != nil {
@@ -212,7 +214,7 @@ func TestEgressPolicyMatrix(t *testing.T) {
 			if a := d.attempts(); len(a) != 0 {
 				t.Errorf("host dialer was asked for %v on a denied flow", a)
 			}
-			if echo.accepted.Load() != before {
+			if echo.Accepted.Load() != before {
 				t.Error("target accepted a connection on a denied flow")
 			}
 		})

@@ -5,13 +5,13 @@ import (
 	"context"
 	"crypto/rand"
 	"io"
-	stdnet "net"
 	"net/netip"
 	"sync"
 	"sync/atomic"
 	"testing"
 
 	"github.com/gosandbox/sandbox/netstack"
+	"github.com/gosandbox/sandbox/netstack/netstacktest"
 	vnet "github.com/gosandbox/sandbox/virtio/net"
 	"github.com/gosandbox/sandbox/virtio/virtiotest"
 	"gvisor.dev/gvisor/pkg/buffer"
@@ -101,12 +101,7 @@ func newVirtioGuest(t testing.TB, features uint64, mtu int) *virtioGuest {
 	if err := g.s.CreateNIC(1, ethernet.New(g.ch)); err != nil {
 		t.Fatalf("CreateNIC: %v", err)
 	}
-	if err := g.s.AddProtocolAddress(1, tcpip.ProtocolAddress{Protocol: ipv4.ProtocolNumber,
-		AddressWithPrefix: tcpip.AddressWithPrefix{Address: tcpip.AddrFrom4(cfg.IPv4.Addr().As4()), PrefixLen: cfg.IPv4.Bits()}},
-		stack.AddressProperties{}); err != nil {
-		t.Fatalf("AddProtocolAddress: %v", err)
-	}
-	g.s.SetRouteTable([]tcpip.Route{{Destination: header.IPv4EmptySubnet, Gateway: tcpip.AddrFrom4(cfg.GatewayIPv4.As4()), NIC: 1}})
+	netstacktest.ConfigureGuest(t, g.s, 1, netstacktest.GuestAddrs{IPv4: cfg.IPv4, GatewayIPv4: cfg.GatewayIPv4})
 
 	ctx, cancel := context.WithCancel(context.Background())
 	g.cancel = cancel
@@ -257,37 +252,6 @@ func (g *virtioGuest) dialTCP(ap netip.AddrPort) (*gonet.TCPConn, error) {
 	return gonet.DialTCP(g.s, tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFrom4(ap.Addr().As4()), Port: ap.Port()}, ipv4.ProtocolNumber)
 }
 
-// startEcho runs a TCP echo server on host loopback.
-func startEcho(t testing.TB) uint16 {
-	t.Helper()
-	l, err := stdnet.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	t.Cleanup(func() {
-		l.Close()
-		wg.Wait()
-	})
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				io.Copy(c, c)
-			}()
-		}
-	}()
-	return uint16(l.Addr().(*stdnet.TCPAddr).Port)
-}
-
 // TestEndToEnd: a guest TCP/IP stack behind the device resolves the
 // gateway with ARP and moves 1 MiB each way over TCP to a host loopback
 // echo server through the real netstack, with and without mergeable
@@ -309,7 +273,7 @@ func TestEndToEnd(t *testing.T) {
 		{"host offloads only", all &^ (vnet.FeatureGuestCsum | vnet.FeatureGuestTSO4 | vnet.FeatureGuestTSO6), 1500},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			port := startEcho(t)
+			port := netstacktest.StartEcho(t, "127.0.0.1:0", false).Port()
 			g := newVirtioGuest(t, tc.features, tc.mtu)
 			c, err := g.dialTCP(netip.AddrPortFrom(g.n.Guest().GatewayIPv4, port))
 			if err != nil {
