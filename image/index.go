@@ -341,34 +341,33 @@ func (t *ptrie) add(parts []string) {
 	t.opaque = true
 }
 
+// descend follows parts down from t. It reports whether the walk passes
+// an opaque directory before the last component (opaque above), and
+// otherwise the node at parts, nil where parts leaves the trie.
+func (t *ptrie) descend(parts []string) (end *ptrie, opaqueAbove bool) {
+	for _, c := range parts {
+		if t.opaque {
+			return nil, true
+		}
+		if t = t.kids[c]; t == nil {
+			return nil, false
+		}
+	}
+	return t, false
+}
+
 // relevant reports whether parts is an opaque directory, under one, or an
 // ancestor of one: only such paths can change what an opaque directory
 // hides.
 func (t *ptrie) relevant(parts []string) bool {
-	for _, c := range parts {
-		if t.opaque {
-			return true
-		}
-		t = t.kids[c]
-		if t == nil {
-			return false
-		}
-	}
-	return true
+	end, above := t.descend(parts)
+	return above || end != nil
 }
 
 // under reports whether parts is an opaque directory or under one.
 func (t *ptrie) under(parts []string) bool {
-	for _, c := range parts {
-		if t.opaque {
-			return true
-		}
-		t = t.kids[c]
-		if t == nil {
-			return false
-		}
-	}
-	return t.opaque
+	end, above := t.descend(parts)
+	return above || end != nil && end.opaque
 }
 
 // maxExtraWhiteouts bounds the whiteouts added to one layer variant.

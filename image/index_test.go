@@ -150,6 +150,36 @@ func TestOpaqueWhiteouts(t *testing.T) {
 
 // TestIndexCorrupt checks that every damaged index is rejected with
 // ErrInvalidLayer and never panics.
+// TestPtrie pins what relevant and under report for the opaque
+// directories a/b and x: the directories themselves and what is under
+// them are both; ancestors are relevant only; siblings are neither.
+func TestPtrie(t *testing.T) {
+	var tr ptrie
+	tr.add([]string{"a", "b"})
+	tr.add([]string{"x"})
+	for _, tc := range []struct {
+		path            string
+		relevant, under bool
+	}{
+		{"", true, false},
+		{"a", true, false},
+		{"a/b", true, true},
+		{"a/b/c/d", true, true},
+		{"a/c", false, false},
+		{"x", true, true},
+		{"x/y", true, true},
+		{"y", false, false},
+	} {
+		parts := splitIndexPath(tc.path)
+		if got := tr.relevant(parts); got != tc.relevant {
+			t.Errorf("relevant(%q) = %v, want %v", tc.path, got, tc.relevant)
+		}
+		if got := tr.under(parts); got != tc.under {
+			t.Errorf("under(%q) = %v, want %v", tc.path, got, tc.under)
+		}
+	}
+}
+
 func TestIndexCorrupt(t *testing.T) {
 	good := layerIndex(t, opaqueTestLayers(t)[1])
 	if err := readIndex(bytes.NewReader(good), func(byte, string) error { return nil }); err != nil {
