@@ -58,6 +58,27 @@ func pushLazy(t testing.TB, name string) string {
 	return ref
 }
 
+// startLazy is the common start of the lazy-image tests: on the host it
+// prepares the eStargz images and hands the test to the emulated host
+// (for at most delegate), where it returns ok false and the caller
+// returns. Where sandboxes boot it pushes image name to a local registry
+// and returns the boot mode, the reference and a context that ends after
+// run (or with the test).
+func startLazy(t testing.TB, name string, delegate, run time.Duration) (mode kvmhost.Mode, ref string, ctx context.Context, ok bool) {
+	t.Helper()
+	mode, _ = kvmhost.Detect()
+	if mode != kvmhost.Inside {
+		prepareLazy(t, name == "python")
+	}
+	if kvmhost.Delegate(t, kvmhost.WithTimeout(delegate)) {
+		return mode, "", nil, false
+	}
+	ref = pushLazy(t, name)
+	ctx, cancel := context.WithTimeout(context.Background(), run)
+	t.Cleanup(cancel)
+	return mode, ref, ctx, true
+}
+
 func tempStore(t testing.TB) *image.Store {
 	st, err := image.Open(image.WithRoot(filepath.Join(t.TempDir(), "images")))
 	if err != nil {
@@ -71,16 +92,10 @@ func tempStore(t testing.TB) *image.Store {
 // pulled: the guest reads the image over virtio-9p while the host fetches
 // what it reads; writes go to the writable layer.
 func TestLazyImageSandbox(t *testing.T) {
-	mode, _ := kvmhost.Detect()
-	if mode != kvmhost.Inside {
-		prepareLazy(t, false)
-	}
-	if kvmhost.Delegate(t, kvmhost.WithTimeout(30*time.Minute)) {
+	mode, ref, ctx, ok := startLazy(t, "busybox", 30*time.Minute, 15*time.Minute)
+	if !ok {
 		return
 	}
-	ref := pushLazy(t, "busybox")
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
-	defer cancel()
 	sb := bootSmall(t, mode, LazyImage(ref, image.WithInsecure()), ImageStore(tempStore(t)), NoNetwork())
 	res, err := sb.Run(ctx, "sh", "-c", "cat hello.txt && echo new > /app/new && cat /app/new && ls /bin | wc -l")
 	if err != nil || res.ExitCode != 0 {
@@ -104,16 +119,10 @@ func TestLazyImageSandbox(t *testing.T) {
 // the image preparation (New → image ready: TOC fetch, or pull and
 // conversion) is reported separately too.
 func BenchmarkLazyFirstExec(b *testing.B) {
-	mode, _ := kvmhost.Detect()
-	if mode != kvmhost.Inside {
-		prepareLazy(b, true)
-	}
-	if kvmhost.Delegate(b, kvmhost.WithTimeout(60*time.Minute)) {
+	_, ref, ctx, ok := startLazy(b, "python", 60*time.Minute, 40*time.Minute)
+	if !ok {
 		return
 	}
-	ref := pushLazy(b, "python")
-	ctx, cancel := context.WithTimeout(context.Background(), 40*time.Minute)
-	defer cancel()
 	firstExec := func(b *testing.B, opts ...Option) (time.Duration, Phases) {
 		start := time.Now()
 		sb, err := New(ctx, append(opts, Memory(256<<20), NoNetwork())...)
