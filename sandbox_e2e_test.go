@@ -136,6 +136,23 @@ func testCommands(ctx context.Context, t *testing.T, sb *Sandbox) {
 			t.Fatalf("hostname/cpus = %q", res.Stdout)
 		}
 	})
+	t.Run("no nested virtualization", func(t *testing.T) {
+		res, err := sb.Run(ctx, "cat", "/proc/cpuinfo")
+		if err != nil || !res.Success() {
+			t.Fatalf("cat /proc/cpuinfo: %+v, %v", res, err)
+		}
+		for _, line := range strings.Split(string(res.Stdout), "\n") {
+			if k, v, _ := strings.Cut(line, ":"); strings.TrimSpace(k) == "flags" {
+				for _, f := range strings.Fields(v) {
+					if f == "vmx" || f == "svm" {
+						t.Fatalf("the guest CPU offers %s: %s", f, line)
+					}
+				}
+				return
+			}
+		}
+		t.Fatalf("no flags line in /proc/cpuinfo:\n%s", res.Stdout)
+	})
 	t.Run("stdin through cat", func(t *testing.T) {
 		in := strings.Repeat("line of stdin\n", 10000)
 		var out bytes.Buffer

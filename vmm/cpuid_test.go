@@ -100,3 +100,23 @@ func TestBuildCPUIDTopology(t *testing.T) {
 		t.Error("PMU leaf not cleared")
 	}
 }
+
+// TestBuildCPUIDHidesNestedVirt: the guest sees neither VMX nor SVM, even
+// where KVM could nest them.
+func TestBuildCPUIDHidesNestedVirt(t *testing.T) {
+	in := []cpuidEntry{
+		{Function: 1, ECX: cpuidVMX | 1},
+		{Function: 0x80000001, ECX: cpuidSVM | 1},
+		{Function: 0x8000000a, EAX: 1, EBX: 8, EDX: 0x1ff},
+	}
+	out := buildCPUID(in, 0, 1, false)
+	if out[0].ECX&cpuidVMX != 0 || out[0].ECX&1 == 0 {
+		t.Errorf("leaf 1 ECX = %#x, want VMX cleared and bit 0 kept", out[0].ECX)
+	}
+	if out[1].ECX&cpuidSVM != 0 || out[1].ECX&1 == 0 {
+		t.Errorf("leaf 0x80000001 ECX = %#x, want SVM cleared and bit 0 kept", out[1].ECX)
+	}
+	if out[2] != (cpuidEntry{Function: 0x8000000a}) {
+		t.Errorf("leaf 0x8000000a = %+v, want zeros", out[2])
+	}
+}
