@@ -172,9 +172,7 @@ func (d *Device) ReadConfig(off int, p []byte) {
 		le.PutUint32(c[52:], maxDiscardSegs)
 		c[56] = 1 // write_zeroes_may_unmap
 	}
-	if off >= 0 && off < len(c) {
-		copy(p, c[off:])
-	}
+	virtio.ReadConfigAt(c[:], off, p)
 }
 
 // WriteConfig implements virtio.Device: the config is read-only.

@@ -177,9 +177,7 @@ func (d *Device) ConfigSize() int { return configSize }
 func (d *Device) ReadConfig(off int, p []byte) {
 	var c [configSize]byte
 	binary.LittleEndian.PutUint32(c[4:], uint32(len(d.ports)))
-	if off >= 0 && off < len(c) {
-		copy(p, c[off:])
-	}
+	virtio.ReadConfigAt(c[:], off, p)
 }
 
 // WriteConfig implements virtio.Device (emerg_wr is not offered).

@@ -134,14 +134,11 @@ func (p *Port) Write(b []byte) (int, error) {
 		}
 		// s.wg is held: the queue stays valid until Done.
 		for written < len(b) {
-			ok, err := q.Pop(&ch)
+			ok, err := q.PopOrArm(&ch)
 			if err != nil {
 				break // the device is broken until the guest resets it
 			}
 			if !ok {
-				if !q.Arm() {
-					continue
-				}
 				q.Notify()
 				select {
 				case <-q.Kicks():

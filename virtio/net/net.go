@@ -183,9 +183,7 @@ func (d *Device) ReadConfig(off int, p []byte) {
 	binary.LittleEndian.PutUint16(c[6:], StatusLinkUp)
 	binary.LittleEndian.PutUint16(c[8:], 1)
 	binary.LittleEndian.PutUint16(c[10:], uint16(d.mtu))
-	if off >= 0 && off < len(c) {
-		copy(p, c[off:])
-	}
+	virtio.ReadConfigAt(c[:], off, p)
 }
 
 // WriteConfig implements virtio.Device. The config space is read-only

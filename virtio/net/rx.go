@@ -264,15 +264,12 @@ func (d *Device) receiveLocked(s *session, h Header, frame []byte, csum *netstac
 func (d *Device) nextChain(s *session, ch *virtio.Chain, timeout func() <-chan time.Time) error {
 	q := s.rx
 	for {
-		ok, err := q.Pop(ch)
+		ok, err := q.PopOrArm(ch)
 		if err != nil {
 			return fmt.Errorf("%w: %w", ErrBroken, err)
 		}
 		if ok {
 			return nil
-		}
-		if !q.Arm() {
-			continue
 		}
 		select {
 		case <-q.Kicks():

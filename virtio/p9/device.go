@@ -156,9 +156,7 @@ func (d *Device) ConfigSize() int { return 2 + len(d.tag) }
 func (d *Device) ReadConfig(off int, p []byte) {
 	c := binary.LittleEndian.AppendUint16(make([]byte, 0, 2+len(d.tag)), uint16(len(d.tag)))
 	c = append(c, d.tag...)
-	if off >= 0 && off < len(c) {
-		copy(p, c[off:])
-	}
+	virtio.ReadConfigAt(c, off, p)
 }
 
 // WriteConfig implements virtio.Device: the config is read-only.
