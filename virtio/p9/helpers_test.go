@@ -270,6 +270,19 @@ func gated(t testing.TB) (ninep.Attacher, *gate, map[string][]byte) {
 	return gateAttacher{localfs.Attacher(root), g}, g, files
 }
 
+// readInAttacher returns a device with fid 2 open on hello.txt and a
+// read of it (tag 20) that is in the attacher, held there until g opens.
+func readInAttacher(t testing.TB) (*rawDevice, *gate) {
+	t.Helper()
+	a, g, _ := gated(t)
+	r := newRaw(t, a)
+	r.setup("hello.txt")
+	expect(t, r.do(tlopen(3, 2), 64), 13, 3)
+	r.h.Add(0, [][]byte{tread(20, 2, 0, 100)}, 200)
+	g.waitEntered(t, 1)
+	return r, g
+}
+
 // driverConn is a p9 client transport over the device's virtqueue: each
 // T-message the client writes becomes one chain (readable: the message;
 // writable: msize bytes), and the R-messages of used chains are what the

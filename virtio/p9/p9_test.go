@@ -316,13 +316,7 @@ func TestHostileChains(t *testing.T) {
 // refused on its own chain; Tflush is answered after the flushed request,
 // in that order; a Tflush of a Tflush after both.
 func TestDuplicateTagAndFlush(t *testing.T) {
-	a, g, _ := gated(t)
-	r := newRaw(t, a)
-	r.setup("hello.txt")
-	expect(t, r.do(tlopen(3, 2), 64), 13, 3)
-
-	r.h.Add(0, [][]byte{tread(20, 2, 0, 100)}, 200) // blocks in the attacher
-	g.waitEntered(t, 1)
+	r, g := readInAttacher(t)
 	expect(t, r.do(tread(20, 2, 0, 100), 200), tRlerror, 20) // duplicate
 	r.h.Add(0, [][]byte{tflush(21, 20)}, 64)
 	r.h.Add(0, [][]byte{tflush(22, 21)}, 64)
@@ -357,12 +351,7 @@ func TestDuplicateTagAndFlush(t *testing.T) {
 // with the server cannot be attributed; the device fails with ErrProtocol
 // instead of answering a chain that may not be its own.
 func TestUndecodableAmbiguous(t *testing.T) {
-	a, g, _ := gated(t)
-	r := newRaw(t, a)
-	r.setup("hello.txt")
-	expect(t, r.do(tlopen(3, 2), 64), 13, 3)
-	r.h.Add(0, [][]byte{tread(20, 2, 0, 100)}, 200)
-	g.waitEntered(t, 1)
+	r, g := readInAttacher(t)
 	r.h.Add(0, [][]byte{msg(tTread, 21, []byte{1})}, 64)
 	select {
 	case <-r.h.Failed():
@@ -415,12 +404,7 @@ func le32(b []byte) uint32 {
 func TestResetJoinsAndDrops(t *testing.T) {
 	before := runtime.NumGoroutine()
 	func() {
-		a, g, _ := gated(t)
-		r := newRaw(t, a)
-		r.setup("hello.txt")
-		expect(t, r.do(tlopen(3, 2), 64), 13, 3)
-		r.h.Add(0, [][]byte{tread(20, 2, 0, 100)}, 200)
-		g.waitEntered(t, 1)
+		r, g := readInAttacher(t)
 		done := make(chan struct{})
 		p9.SetShutdownHook(r.dev, g.open) // release the read only once Reset began
 		go func() {
