@@ -173,4 +173,20 @@ func rxFrame(t testing.TB, h *virtiotest.Harness, mrg bool) (vnet.Header, []byte
 	return hdr, data
 }
 
+// wantRefused writes f (what says how) and expects the device to refuse
+// it with want, to return the one receive buffer it took empty, and to
+// count dropped frames in total.
+func wantRefused(t testing.TB, d *vnet.Device, h *virtiotest.Harness, what string, f []byte, want error, dropped uint64) {
+	t.Helper()
+	if err := d.WriteFrame(f); !errors.Is(err, want) {
+		t.Fatalf("WriteFrame %s: %v, want %v", what, err, want)
+	}
+	if u, ok := h.TryUsed(qRx); !ok || u.Len != 0 {
+		t.Errorf("WriteFrame %s: buffer not returned empty: %+v %v", what, u, ok)
+	}
+	if s := d.Stats(); s.RxDropped != dropped {
+		t.Errorf("WriteFrame %s: stats %v, want %d dropped", what, s, dropped)
+	}
+}
+
 func isErr(err, target error) bool { return errors.Is(err, target) }
