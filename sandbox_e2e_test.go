@@ -72,7 +72,7 @@ func TestSandbox(t *testing.T) {
 	defer cancel()
 	t.Run("commands", func(t *testing.T) { testCommands(ctx, t, sb) })
 	if t.Failed() {
-		t.Logf("console:\n%s\ndevices: %s", con, sb.deviceState())
+		t.Logf("console:\n%s\nserial console:\n%s\ndevices: %s", con, sb.vm.ConsoleLog(), sb.deviceState())
 		reportEmulatorFault(t, mode, sb)
 	}
 	if err := sb.Close(); err != nil {
