@@ -170,11 +170,21 @@ func (sb *Sandbox) addVirtio(dev virtio.Device) error {
 	return err
 }
 
-// deviceState describes the virtio devices' transport and ring state and
-// the console ports, for diagnosing a stalled sandbox (the debug log gets
+// deviceState describes the vCPUs (vmm.VCPUStates), the virtio devices'
+// transport and ring state and the console ports, for diagnosing a stalled sandbox (the debug log gets
 // it when a command does not start or finish within its context).
 func (sb *Sandbox) deviceState() string {
 	var b strings.Builder
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	states, err := sb.vm.VCPUStates(ctx)
+	cancel()
+	for _, st := range states {
+		b.WriteString(st.String())
+		b.WriteString("\n")
+	}
+	if err != nil {
+		fmt.Fprintf(&b, "vCPU states: %v\n", err)
+	}
 	if sb.con != nil {
 		b.WriteString(sb.con.String())
 	}

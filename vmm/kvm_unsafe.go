@@ -387,7 +387,15 @@ func signalMSI(vmfd int, addr uint64, data uint32) (int, error) {
 	return int(n), err
 }
 
-var kvmSetMPState = iow(0x99, 4)
+var (
+	kvmGetMPState = ior(0x98, 4)
+	kvmSetMPState = iow(0x99, 4)
+)
+
+func getMPState(vcpufd int) (uint32, error) {
+	var state uint32
+	return state, ioctlPtr(vcpufd, kvmGetMPState, &state)
+}
 
 // mpStateRunnable is KVM_MP_STATE_RUNNABLE.
 const mpStateRunnable = 0

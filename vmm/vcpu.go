@@ -1,6 +1,7 @@
 package vmm
 
 import (
+	"context"
 	"fmt"
 	"runtime"
 	"sync"
@@ -21,9 +22,10 @@ type vcpu struct {
 	vm  *VM
 	run runPage
 
-	mu     sync.Mutex // guards tid and closed against kick
+	mu     sync.Mutex // guards tid, closed and reqs against kick
 	tid    int
 	closed bool
+	reqs   []vcpuRequest // run on the vCPU's thread between two KVM_RUNs
 
 	exits uint64 // exits handled by the VMM (this vCPU's goroutine only)
 }
@@ -131,6 +133,57 @@ func (c *vcpu) kick() {
 	}
 }
 
+// vcpuRequest is a function to run on a vCPU's thread; done is closed
+// after it ran (ran true) or when the vCPU stopped first.
+type vcpuRequest struct {
+	fn   func()
+	ran  *bool
+	done chan struct{}
+}
+
+// onThread runs fn on c's thread between two KVM_RUNs (vCPU ioctls such as
+// KVM_GET_LAPIC take the vCPU's mutex, which KVM_RUN holds while the guest
+// runs) and waits for it. It fails when the vCPU is not running or stops
+// first, or when ctx ends first (fn may still run later).
+func (c *vcpu) onThread(ctx context.Context, fn func()) error {
+	ran := new(bool)
+	r := vcpuRequest{fn: fn, ran: ran, done: make(chan struct{})}
+	c.mu.Lock()
+	if c.closed || c.tid == 0 {
+		c.mu.Unlock()
+		return fmt.Errorf("vmm: vCPU %d is not running", c.id)
+	}
+	c.reqs = append(c.reqs, r)
+	c.run.setImmediateExit(1)
+	unix.Tgkill(unix.Getpid(), c.tid, kickSignal)
+	c.mu.Unlock()
+	select {
+	case <-r.done:
+		if !*ran {
+			return fmt.Errorf("vmm: vCPU %d stopped", c.id)
+		}
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// serveRequests runs the pending onThread requests; with stopped set it
+// only releases their callers.
+func (c *vcpu) serveRequests(stopped bool) {
+	c.mu.Lock()
+	rs := c.reqs
+	c.reqs = nil
+	c.mu.Unlock()
+	for _, r := range rs {
+		if !stopped {
+			r.fn()
+			*r.ran = true
+		}
+		close(r.done)
+	}
+}
+
 func (c *vcpu) close() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -161,6 +214,7 @@ func (vm *VM) runVCPU(c *vcpu) {
 		c.mu.Lock()
 		c.tid = 0
 		c.mu.Unlock()
+		c.serveRequests(true)
 	}()
 	defer func() {
 		if r := recover(); r != nil {
@@ -178,6 +232,7 @@ func (vm *VM) runVCPU(c *vcpu) {
 		_, err := ioctl(c.fd, kvmRun, 0)
 		if err == unix.EINTR || err == unix.EAGAIN {
 			c.run.setImmediateExit(0)
+			c.serveRequests(false)
 			continue
 		}
 		if err != nil {

@@ -195,10 +195,36 @@ func TestVCPUsRunAndStopWhileHalted(t *testing.T) {
 					t.Fatalf("only vCPUs %v reported", seen)
 				}
 			}
-			// Every vCPU is now halted with interrupts off: Stop must
-			// still force them out.
+			// Every vCPU is now halted with interrupts off: VCPUStates
+			// looks at them without ending the VM, and Stop must still
+			// force them out.
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
+			var states []VCPUState
+			for try := 0; try < 300; try++ { // the hlt may not have run yet
+				var err error
+				if states, err = vm.VCPUStates(ctx); err != nil {
+					t.Fatalf("VCPUStates: %v", err)
+				}
+				if allHalted(states) {
+					break
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+			if len(states) != n || !allHalted(states) {
+				t.Fatalf("VCPUStates = %v, want %d halted vCPUs", states, n)
+			}
+			for i, st := range states {
+				// RIP is past the hlt (byte 10 of idGuest), at the jmp.
+				if want := uint64(codeAddr + 0x1000*i + 11); st.RIP != want || st.ID != i || st.RFLAGS&(1<<9) != 0 {
+					t.Errorf("vCPU %d: %v, want rip %#x with interrupts off", i, st, want)
+				}
+			}
+			select {
+			case <-vm.Done():
+				t.Fatal("VCPUStates ended the VM")
+			default:
+			}
 			if err := vm.Stop(ctx); err != nil {
 				t.Fatalf("Stop: %v", err)
 			}
@@ -232,4 +258,13 @@ func TestConfigValidation(t *testing.T) {
 			t.Errorf("New(%+v) = %v, want *ConfigError", c, err)
 		}
 	}
+}
+
+func allHalted(states []VCPUState) bool {
+	for _, s := range states {
+		if s.MPState != "halted" {
+			return false
+		}
+	}
+	return len(states) > 0
 }
