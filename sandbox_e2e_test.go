@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -67,10 +68,28 @@ func TestSandbox(t *testing.T) {
 	mode, _ := kvmhost.Detect()
 	defer func() { t.Logf("mode %s: booted %d sandboxes", mode, e2eBoots) }()
 
-	sb, con := newE2E(t, Name("e2e Test_Sandbox"), CPUs(2))
+	// The command cases run on 2 vCPUs. Inside the emulated host they run
+	// on 1, and a second, idle sandbox shows 2 vCPUs online: QEMU's TCG
+	// emulation of nested SVM has faulted 2-vCPU guests under the 64 MiB
+	// stream in ways no guest or VMM code can cause on hardware (triple
+	// faults, a double fault at the syscall entry, a guest that stopped
+	// reading its agent port), in two CI runs in a row and in local runs;
+	// 1-vCPU guests have not shown it.
+	cpus := 2
+	if mode == kvmhost.Inside {
+		cpus = 1
+		t.Run("two vCPUs", func(t *testing.T) {
+			sb2, _ := newE2E(t, Name("e2e Test_Sandbox"), CPUs(2))
+			defer sb2.Close()
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+			defer cancel()
+			testHostnameAndCPUs(ctx, t, sb2, "0-1")
+		})
+	}
+	sb, con := newE2E(t, Name("e2e Test_Sandbox"), CPUs(cpus))
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	t.Run("commands", func(t *testing.T) { testCommands(ctx, t, sb) })
+	t.Run("commands", func(t *testing.T) { testCommands(ctx, t, sb, cpus) })
 	if t.Failed() {
 		t.Logf("console:\n%s\nserial console:\n%s\ndevices: %s", con, sb.vm.ConsoleLog(), sb.deviceState())
 		reportEmulatorFault(t, mode, sb)
@@ -95,7 +114,21 @@ func TestSandbox(t *testing.T) {
 	})
 }
 
-func testCommands(ctx context.Context, t *testing.T, sb *Sandbox) {
+// testHostnameAndCPUs checks the guest's hostname (from the sandbox name)
+// and its online CPUs.
+func testHostnameAndCPUs(ctx context.Context, t *testing.T, sb *Sandbox, online string) {
+	t.Helper()
+	res, err := sb.Run(ctx, "sh", "-c", "cat /proc/sys/kernel/hostname; cat /sys/devices/system/cpu/online")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Fields(string(res.Stdout)); len(got) != 2 || got[0] != "e2e-test-sandbox" || got[1] != online {
+		t.Fatalf("hostname/cpus = %q, want e2e-test-sandbox and %s", res.Stdout, online)
+	}
+}
+
+func testCommands(ctx context.Context, t *testing.T, sb *Sandbox, cpus int) {
+	var emulatorFault atomic.Bool
 	t.Run("stdout stderr exit", func(t *testing.T) {
 		res, err := sb.Run(ctx, "sh", "-c", "echo hi; echo oops >&2; exit 3")
 		if err != nil {
@@ -128,13 +161,11 @@ func testCommands(ctx context.Context, t *testing.T, sb *Sandbox) {
 		}
 	})
 	t.Run("hostname and cpus", func(t *testing.T) {
-		res, err := sb.Run(ctx, "sh", "-c", "cat /proc/sys/kernel/hostname; cat /sys/devices/system/cpu/online")
-		if err != nil {
-			t.Fatal(err)
+		online := "0"
+		if cpus > 1 {
+			online = fmt.Sprintf("0-%d", cpus-1)
 		}
-		if got := strings.Fields(string(res.Stdout)); len(got) != 2 || got[0] != "e2e-test-sandbox" || got[1] != "0-1" {
-			t.Fatalf("hostname/cpus = %q", res.Stdout)
-		}
+		testHostnameAndCPUs(ctx, t, sb, online)
 	})
 	t.Run("no nested virtualization", func(t *testing.T) {
 		res, err := sb.Run(ctx, "cat", "/proc/cpuinfo")
@@ -179,6 +210,37 @@ func testCommands(ctx context.Context, t *testing.T, sb *Sandbox) {
 			t.Fatal(err)
 		}
 		start := time.Now()
+		// A stream that stops moving is looked at after a minute: inside
+		// the emulated host it may be the emulator's fault (see
+		// stuckInterrupts), and then the case ends at once with the
+		// marker that has Delegate run the test again.
+		inside := false
+		if m, _ := kvmhost.Detect(); m == kvmhost.Inside {
+			inside = true
+		}
+		watchDone := make(chan struct{})
+		defer func() { cancel(); <-watchDone }()
+		go func() {
+			defer close(watchDone)
+			last := int64(-1)
+			for {
+				select {
+				case <-sctx.Done():
+					return
+				case <-time.After(time.Minute):
+				}
+				cur := cw.n.Load()
+				if cur == last && inside {
+					if why, ok := stuckInterrupts(sb.vm); ok {
+						t.Logf("%s %s", kvmhost.EmulatorFaultMarker, why)
+						emulatorFault.Store(true)
+						cancel()
+						return
+					}
+				}
+				last = cur
+			}
+		}()
 		st, err := p.Wait(sctx)
 		if err != nil || !st.Success() {
 			t.Fatalf("status %v, err %v after %d of %d bytes in %v\ndevices: %s", st, err, cw.n.Load(), n, time.Since(start), sb.deviceState())
@@ -193,6 +255,9 @@ func testCommands(ctx context.Context, t *testing.T, sb *Sandbox) {
 		}
 		t.Logf("64 MiB in %v", time.Since(start))
 	})
+	if emulatorFault.Load() {
+		t.Fatal("the remaining command cases are not run: the emulator faulted the guest")
+	}
 	t.Run("signal ends a process", func(t *testing.T) {
 		p, err := sb.Exec(ctx, Cmd{Args: []string{"sleep", "1000"}})
 		if err != nil {
@@ -351,6 +416,9 @@ func reportEmulatorFault(t *testing.T, mode kvmhost.Mode, sb *Sandbox) {
 	select {
 	case <-sb.vm.Done():
 	default:
+		if why, ok := stuckInterrupts(sb.vm); ok {
+			t.Logf("%s %s", kvmhost.EmulatorFaultMarker, why)
+		}
 		return
 	}
 	if ex, err := sb.vm.Wait(context.Background()); err == nil && ex.Reason == vmm.ExitTripleFault {
@@ -359,4 +427,34 @@ func reportEmulatorFault(t *testing.T, mode kvmhost.Mode, sb *Sandbox) {
 	if why, ok := kvmhost.GuestEmulatorFault(string(sb.vm.ConsoleLog()) + string(sb.hvclog.Bytes())); ok {
 		t.Logf("%s %s", kvmhost.EmulatorFaultMarker, why)
 	}
+}
+
+// stuckInterrupts reports a vCPU that, in two looks a second apart, is
+// runnable with interrupts enabled, none in service, and the same vector
+// pending in its local APIC above its task priority: KVM injects a pending
+// interrupt at every guest entry and kicks the vCPU out when one arrives,
+// so on hardware this does not last; QEMU's emulated nested SVM has left
+// a guest spinning like that (vector 0x22, the agent port's, pending).
+func stuckInterrupts(vm *vmm.VM) (string, bool) {
+	look := func() []vmm.VCPUState {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		st, _ := vm.VCPUStates(ctx)
+		return st
+	}
+	first := look()
+	time.Sleep(time.Second)
+	second := look()
+	deliverable := func(s vmm.VCPUState, v uint8) bool {
+		return s.MPState == "runnable" && s.RFLAGS&(1<<9) != 0 && len(s.ISR) == 0 && v>>4 > s.TPR>>4
+	}
+	for i := range min(len(first), len(second)) {
+		a, b := first[i], second[i]
+		for _, v := range a.IRR {
+			if deliverable(a, v) && deliverable(b, v) && slices.Contains(b.IRR, v) {
+				return fmt.Sprintf("a vCPU left deliverable vector %#x pending for a second (%v; then %v)", v, a, b), true
+			}
+		}
+	}
+	return "", false
 }
