@@ -35,9 +35,9 @@ func run(cpus, memMiB int) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	start := time.Now()
-	sb, err := sandbox.New(ctx, sandbox.Name("hello"), sandbox.CPUs(cpus), sandbox.Memory(uint64(memMiB)<<20))
+	sb, err := examplehost.New(ctx, sandbox.Name("hello"), sandbox.CPUs(cpus), sandbox.Memory(uint64(memMiB)<<20))
 	if err != nil {
-		return examplehost.Rerun(ctx, err)
+		return err
 	}
 	defer sb.Close()
 	ph := sb.Phases()

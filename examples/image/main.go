@@ -72,9 +72,9 @@ func run(ref string, args []string) error {
 		fmt.Printf("loaded %s: %d layers, cached as %v\n", imgs[0].Digest, len(imgs[0].Layers), imgs[0].LayerPaths())
 		opt = sandbox.FromImage(imgs[0])
 	}
-	sb, err := sandbox.New(ctx, opt, sandbox.ImageStore(st), sandbox.Memory(256<<20), sandbox.NoNetwork())
+	sb, err := examplehost.New(ctx, opt, sandbox.ImageStore(st), sandbox.Memory(256<<20), sandbox.NoNetwork())
 	if err != nil {
-		return examplehost.Rerun(ctx, err)
+		return err
 	}
 	defer sb.Close()
 	fmt.Printf("%s\n%s\n", sb, sb.Phases())

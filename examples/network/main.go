@@ -60,9 +60,9 @@ func run() error {
 		{"default policy (public internet only)", nil},
 		{fmt.Sprintf("with allow@host:tcp:%d", port), []string{fmt.Sprintf("allow@host:tcp:%d", port)}},
 	} {
-		sb, err := sandbox.New(ctx, sandbox.Name("network-demo"), sandbox.Memory(256<<20), sandbox.NetworkRules(tc.rules...))
+		sb, err := examplehost.New(ctx, sandbox.Name("network-demo"), sandbox.Memory(256<<20), sandbox.NetworkRules(tc.rules...))
 		if err != nil {
-			return examplehost.Rerun(ctx, err)
+			return err
 		}
 		res, err := sb.Run(ctx, "tcpblast", "send", target, "1M")
 		sb.Close()
