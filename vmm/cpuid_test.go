@@ -2,6 +2,7 @@ package vmm
 
 import (
 	"context"
+	"errors"
 	"testing"
 	"time"
 )
@@ -118,5 +119,27 @@ func TestBuildCPUIDHidesNestedVirt(t *testing.T) {
 	}
 	if out[2] != (cpuidEntry{Function: 0x8000000a}) {
 		t.Errorf("leaf 0x8000000a = %+v, want zeros", out[2])
+	}
+}
+
+func TestXSAVEMemoProbesOnce(t *testing.T) {
+	var m xsaveMemo
+	calls := 0
+	failing := func() (bool, error) { calls++; return false, errors.New("no fds") }
+	if _, err := m.get(failing); err == nil {
+		t.Fatal("a failed probe gave no error")
+	}
+	answer := func() (bool, error) { calls++; return true, nil }
+	for i := 0; i < 3; i++ {
+		ok, err := m.get(answer)
+		if err != nil || !ok {
+			t.Fatalf("get %d = %v, %v; want true, nil", i, ok, err)
+		}
+	}
+	if calls != 2 {
+		t.Errorf("probe ran %d times, want 2 (the failure is not remembered, the answer is)", calls)
+	}
+	if ok, err := m.get(failing); err != nil || !ok {
+		t.Errorf("after an answer, get = %v, %v; want the remembered true", ok, err)
 	}
 }

@@ -19,7 +19,9 @@
 // identity-mapped page tables, and an MP table describes the vCPUs and the
 // IOAPIC (there is no ACPI). CPUID comes from KVM_GET_SUPPORTED_CPUID with
 // per-vCPU APIC IDs and topology; leaf 0xD (XSAVE) is checked for
-// consistency where the host is itself virtualized (see xsave.go). The guest
+// consistency where the host is itself virtualized (see xsave.go; the answer
+// is remembered for the life of the process, the package's only
+// process-wide state, because it is a fact about the host). The guest
 // clock is kvmclock.
 //
 // # Hosts

@@ -178,7 +178,7 @@ func newVM(cfg Config, probe bool) (_ *VM, err error) {
 		return nil, kvmErr("KVM_GET_SUPPORTED_CPUID", err)
 	}
 	if flags, _ := cpuFlags(); probe && needsXSAVEProbe(flags, vm.supportedCPUID) {
-		ok, perr := xsaveSizeFollowsXCR0()
+		ok, perr := hostXSAVE.get(xsaveSizeFollowsXCR0)
 		if !ok {
 			vm.log.Debug("XSAVE size does not follow XCR0 on this host; hiding XSAVE from the guest", "probe_err", perr)
 			vm.supportedCPUID = maskXSAVE(vm.supportedCPUID)

@@ -72,6 +72,35 @@ var xsaveGuestCode = []byte{
 	0xf4, // hlt
 }
 
+// xsaveMemo keeps the probe's answer: it is a fact about the host's KVM,
+// and under emulation the probe guest cost 100-200 ms of every New (a
+// quarter of the time from sandbox.New to the first KVM_RUN). Only definite
+// answers are kept; a probe that failed (no memory, no fds) runs again.
+type xsaveMemo struct {
+	mu    sync.Mutex
+	known bool
+	ok    bool
+}
+
+// get returns the remembered answer, or runs probe once to learn it.
+func (m *xsaveMemo) get(probe func() (bool, error)) (bool, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.known {
+		return m.ok, nil
+	}
+	ok, err := probe()
+	if err != nil {
+		return false, err
+	}
+	m.known, m.ok = true, ok
+	return ok, nil
+}
+
+// hostXSAVE is the package's only process-wide state: the probe's answer
+// for this host, learnt by the first New that needs it.
+var hostXSAVE xsaveMemo
+
 // xsaveSizeFollowsXCR0 runs the probe guest and reports whether leaf 0xD's
 // EBX was 832 (legacy area + header + AVX) after XCR0=7.
 func xsaveSizeFollowsXCR0() (bool, error) {
