@@ -195,6 +195,15 @@ func (sb *Sandbox) deviceState() string {
 	return b.String()
 }
 
+// logDevices logs msg with deviceState at debug level. The state is only
+// gathered when that level is enabled: reading the vCPUs' states stops each
+// vCPU briefly.
+func (sb *Sandbox) logDevices(msg string) {
+	if sb.log.Enabled(context.Background(), slog.LevelDebug) {
+		sb.log.Debug(msg, "devices", sb.deviceState())
+	}
+}
+
 // New boots a sandbox and returns once its agent answers. ctx bounds the
 // boot only.
 func New(ctx context.Context, opts ...Option) (_ *Sandbox, err error) {
@@ -462,7 +471,7 @@ func (p *Process) Resize(rows, cols uint16) error { return p.sb.wrap(p.p.Resize(
 func (p *Process) Wait(ctx context.Context) (ExitStatus, error) {
 	st, err := p.p.Wait(ctx)
 	if err != nil && ctx.Err() != nil {
-		p.sb.log.Debug("sandbox: a command outlived its context", "devices", p.sb.deviceState())
+		p.sb.logDevices("sandbox: a command outlived its context")
 	}
 	return st, p.sb.wrap(err)
 }
@@ -481,7 +490,7 @@ func (sb *Sandbox) Exec(ctx context.Context, cmd Cmd) (*Process, error) {
 	p, err := sb.agent.Exec(ctx, agentclient.Cmd(cmd))
 	if err != nil {
 		if ctx.Err() != nil {
-			sb.log.Debug("sandbox: a command did not start within its context", "devices", sb.deviceState())
+			sb.logDevices("sandbox: a command did not start within its context")
 		}
 		return nil, sb.wrap(err)
 	}
