@@ -151,6 +151,16 @@ func Delegate(t testing.TB, opts ...Option) bool {
 	if testing.Short() && !ci {
 		return unavailable("-short is set and booting the emulated KVM host takes seconds")
 	}
+	if isBenchmark(t) {
+		// testing calls a benchmark once with b.N=1 and, for
+		// -benchtime=Nx, again with b.N=N: the first call's outer VM run
+		// already did N iterations inside (the flag is passed on), so
+		// later calls of the same benchmark run nothing.
+		if _, again := delegatedBenchmarks.LoadOrStore(t.Name(), true); again {
+			t.Logf("kvmhost: %s already ran in the outer VM", t.Name())
+			return true
+		}
+	}
 	exe, err := os.Executable()
 	if err != nil {
 		return unavailable(fmt.Sprintf("cannot find the test binary: %v", err))
@@ -232,6 +242,10 @@ func Delegate(t testing.TB, opts ...Option) bool {
 	return true
 }
 
+// delegatedBenchmarks holds the names of the benchmarks this test process
+// has run in the outer VM.
+var delegatedBenchmarks sync.Map
+
 func isBenchmark(t testing.TB) bool {
 	_, ok := t.(*testing.B)
 	return ok
@@ -239,11 +253,14 @@ func isBenchmark(t testing.TB) bool {
 
 // innerTestArgs are the test binary flags selecting exactly t, and those
 // of its subtests the outer -test.run (or -test.bench) selects; -test.skip
-// is passed on as it is.
+// and -test.benchtime are passed on as they are.
 func innerTestArgs(t testing.TB, extra []string) []string {
 	var args []string
 	if isBenchmark(t) {
 		args = []string{"-test.run=^$", "-test.bench=" + innerPattern(t.Name(), flagValue("test.bench")), "-test.benchmem"}
+		if bt := flagValue("test.benchtime"); bt != "" {
+			args = append(args, "-test.benchtime="+bt)
+		}
 	} else {
 		args = []string{"-test.run=" + innerPattern(t.Name(), flagValue("test.run"))}
 	}

@@ -6,6 +6,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"flag"
 	"io"
 	"os"
 	"os/exec"
@@ -797,6 +798,15 @@ func TestInnerTestArgs(t *testing.T) {
 	args := innerTestArgs(t, []string{"-test.count=2"})
 	if !strings.HasPrefix(args[0], "-test.run=^TestInnerTestArgs$") || !slices.Contains(args, "-test.v") || args[len(args)-1] != "-test.count=2" {
 		t.Errorf("args = %q", args)
+	}
+}
+
+func TestInnerBenchmarkArgs(t *testing.T) {
+	var args []string
+	testing.Benchmark(func(b *testing.B) { args = innerTestArgs(b, nil) })
+	bt := flag.Lookup("test.benchtime").Value.String()
+	if !slices.Contains(args, "-test.run=^$") || !slices.Contains(args, "-test.benchtime="+bt) || !slices.Contains(args, "-test.benchmem") {
+		t.Errorf("benchmark args = %q, want -test.run=^$, -test.benchmem and -test.benchtime=%s", args, bt)
 	}
 }
 
