@@ -184,6 +184,21 @@ func testCommands(ctx context.Context, t *testing.T, sb *Sandbox, cpus int) {
 		}
 		t.Fatalf("no flags line in /proc/cpuinfo:\n%s", res.Stdout)
 	})
+	t.Run("loop devices on demand only", func(t *testing.T) {
+		// loop.max_loop=0 (vmm.BaseCmdline): none made at boot, and the
+		// control device that makes them on demand is there.
+		res, err := sb.Run(ctx, "ls", "/dev")
+		if err != nil || !res.Success() {
+			t.Fatalf("ls /dev: %+v, %v", res, err)
+		}
+		names := strings.Fields(string(res.Stdout))
+		if !slices.Contains(names, "loop-control") {
+			t.Errorf("no /dev/loop-control: %q", names)
+		}
+		if slices.Contains(names, "loop0") {
+			t.Errorf("/dev/loop0 was made at boot: %q", names)
+		}
+	})
 	t.Run("stdin through cat", func(t *testing.T) {
 		in := strings.Repeat("line of stdin\n", 10000)
 		var out bytes.Buffer
