@@ -8,6 +8,8 @@
 // console (port 0, hvc0) and a port named guest.PortName whose host end is
 // a QEMU chardev socket (a Unix socket in a private temporary directory);
 // agentclient.Dial over that socket speaks to the same agent as a sandbox.
+// A virtio-rng device (fed from the host's /dev/urandom) matches the entropy
+// device every sandbox has, so the guest probes the same drivers.
 // With Config.UserNet the guest also gets a virtio-net device on QEMU's
 // user-mode network (slirp: guest 10.0.2.15/24, gateway and host alias
 // 10.0.2.2, DNS 10.0.2.3), which the init configures through
@@ -380,6 +382,7 @@ func (g *Guest) args(agentSock, markerSock string) []string {
 		"-chardev", "file,id=con,path=" + filepath.Join(g.dir, "console.log"), "-device", "virtconsole,chardev=con",
 		"-chardev", "socket,id=agent,path=" + agentSock + ",server=on,wait=off",
 		"-device", "virtserialport,chardev=agent,name=" + guest.PortName,
+		"-object", "rng-random,id=rng0,filename=/dev/urandom", "-device", "virtio-rng-device,rng=rng0",
 	}
 	if cfg.UserNet {
 		a = append(a, "-netdev", "user,id=n0",

@@ -92,6 +92,10 @@ func TestStart(t *testing.T) {
 	if out := run("sh", "-c", "cat /sys/class/net/*/address /sys/class/net/*/mtu"); !strings.Contains(out, UserNetMAC+"\n") || !strings.Contains(out, strconv.Itoa(UserNetMTU)+"\n") {
 		t.Errorf("interfaces: %q, want MAC %s and MTU %d", out, UserNetMAC, UserNetMTU)
 	}
+	// The entropy device, as in a sandbox.
+	if out := run("cat", "/sys/class/misc/hw_random/rng_current"); !strings.HasPrefix(out, "virtio_rng") {
+		t.Errorf("hw_random rng_current = %q, want virtio_rng.*", out)
+	}
 	if out := run("cat", "/etc/hosts"); !strings.Contains(out, "host.gosandbox.internal") {
 		t.Errorf("/etc/hosts = %q", out)
 	}
