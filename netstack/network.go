@@ -38,6 +38,17 @@ const (
 
 const nicID tcpip.NICID = 1
 
+// timeWait is how long the gateway keeps a connection it closed first in
+// TIME_WAIT. gVisor's default is 60 s, and with the forwarder (no listening
+// endpoint) gVisor drops a new SYN for a 4-tuple still in TIME_WAIT instead
+// of reopening it as Linux does: a guest that reused a source port within a
+// minute got no answer until the entry expired (a 63 s stall, six SYN
+// retransmissions, was seen in a VM). TIME_WAIT guards against old
+// duplicates delayed in the network; the guest link is a point-to-point
+// queue that holds nothing that long, so a short one keeps that guard and
+// a reused port waits at most one SYN retransmission.
+const timeWait = 250 * time.Millisecond
+
 // Dialer opens host sockets for proxied flows and upstream DNS queries.
 // *net.Dialer implements it. UDP flows are dialed on the stack's receive
 // path, so DialContext for "udp" must not block for long.
@@ -377,6 +388,10 @@ func (n *Network) startStack() error {
 	moderate := tcpip.TCPModerateReceiveBufferOption(true)
 	if err := s.SetTransportProtocolOption(tcp.ProtocolNumber, &moderate); err != nil {
 		return fail("enable receive buffer moderation", err)
+	}
+	tw := tcpip.TCPTimeWaitTimeoutOption(timeWait)
+	if err := s.SetTransportProtocolOption(tcp.ProtocolNumber, &tw); err != nil {
+		return fail("set TIME_WAIT timeout", err)
 	}
 	snd := tcpip.TCPSendBufferSizeRangeOption{Min: 4 << 10, Default: 1 << 20, Max: 8 << 20}
 	if err := s.SetTransportProtocolOption(tcp.ProtocolNumber, &snd); err != nil {

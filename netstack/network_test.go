@@ -2,6 +2,7 @@ package netstack
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"io"
 	"net"
@@ -230,3 +231,55 @@ var (
 	_ = runtime.NumGoroutine
 	_ sync.Mutex
 )
+
+// TestReusedSourcePort opens a second connection from the same guest port
+// right after one the gateway closed first (so the gateway holds it in
+// TIME_WAIT): the gateway must answer the new SYN within one SYN
+// retransmission, not once a minute-long TIME_WAIT ends (timeWait).
+func TestReusedSourcePort(t *testing.T) {
+	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	accepted := make(chan struct{}, 2)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Close() // the host, so the gateway, closes first
+			accepted <- struct{}{}
+		}
+	}()
+	n, g := newTestNetwork(t, Config{Rules: mustRules(t, "allow@host:tcp")})
+	dst := fullAddr(netip.AddrPortFrom(n.Guest().GatewayIPv4, uint16(ln.Addr().(*net.TCPAddr).Port)))
+	src := fullAddr(netip.AddrPortFrom(n.Guest().IPv4.Addr(), 40123))
+	dial := func(i int) {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		for {
+			c, err := gonet.DialTCPWithBind(ctx, g.s, src, dst, ipv4.ProtocolNumber)
+			if err != nil && strings.Contains(err.Error(), "in use") && ctx.Err() == nil {
+				time.Sleep(5 * time.Millisecond) // the guest's own endpoint is still closing
+				continue
+			}
+			if err != nil {
+				t.Fatalf("connection %d from guest port %d: %v (a SYN for a 4-tuple in the gateway's TIME_WAIT is not answered)", i, src.Port, err)
+			}
+			c.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if b, err := io.ReadAll(c); err != nil || len(b) != 0 {
+				t.Fatalf("connection %d: read %d bytes, %v; want EOF", i, len(b), err)
+			}
+			c.Close()
+			return
+		}
+	}
+	dial(1)
+	dial(2)
+	for i := 0; i < 2; i++ {
+		<-accepted
+	}
+}
