@@ -51,6 +51,13 @@ type Config struct {
 	// start to exit) in addition to ctx. Zero means no bound other than
 	// ctx. Waiting for a free slot (see Slots) is bounded by ctx only.
 	Timeout time.Duration
+	// StallTimeout, if positive, ends the run when the program has written
+	// nothing to stdout or stderr for that long: the outer VM is taken to
+	// have stopped making progress (QEMU's emulation of nested SVM has
+	// wedged the outer kernel, leaving the program's own timeouts unable to
+	// fire). QEMU is killed; if the program's exit status was written by
+	// then, the run reports it, otherwise the error is ErrCrashed.
+	StallTimeout time.Duration
 
 	// CacheDir is a host directory shared read-write into the outer VM at
 	// the same path and given to the program as XDG_CACHE_HOME, so caches

@@ -190,6 +190,13 @@ func Delegate(t testing.TB, opts ...Option) bool {
 			innerTimeout = o.timeout - time.Minute
 		}
 	}
+	if !isBenchmark(t) {
+		// A test under -test.v writes as it goes, and its own timeouts
+		// are shorter than this; silence this long means the outer VM is
+		// wedged, which is run again like a crash. (A benchmark's logs
+		// appear only when it ends, so benchmarks are not watched.)
+		cfg.StallTimeout = testStallTimeout
+	}
 	for _, f := range o.cfg {
 		f(&cfg)
 	}
@@ -239,6 +246,11 @@ func Delegate(t testing.TB, opts ...Option) bool {
 	}
 	return true
 }
+
+// testStallTimeout is Config.StallTimeout for delegated tests: longer than
+// any single step of the project's tests under emulation (a guest boot is
+// bounded by 15 minutes).
+const testStallTimeout = 20 * time.Minute
 
 func isBenchmark(t testing.TB) bool {
 	_, ok := t.(*testing.B)

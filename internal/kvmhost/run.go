@@ -187,9 +187,11 @@ func runQEMU(ctx context.Context, c *Config, qemu string, args []string, work st
 	out := &tail{path: filepath.Join(work, fileStdout), w: c.Stdout}
 	errOut := &tail{path: filepath.Join(work, fileStderr), w: c.Stderr}
 	started := false
+	progress := start // the last time the program wrote output
 	poll := func() {
-		out.poll()
-		errOut.poll()
+		if out.poll()+errOut.poll() > 0 {
+			progress = time.Now()
+		}
 		if !started {
 			if b, err := os.ReadFile(filepath.Join(work, fileStarted)); err == nil {
 				started = true
@@ -201,6 +203,7 @@ func runQEMU(ctx context.Context, c *Config, qemu string, args []string, work st
 	tick := time.NewTicker(pollInterval)
 	defer tick.Stop()
 	var waitErr error
+	stalled := false
 	for loop := true; loop; {
 		select {
 		case waitErr = <-done:
@@ -218,6 +221,12 @@ func runQEMU(ctx context.Context, c *Config, qemu string, args []string, work st
 				QEMUExit: exitString(werr), ConsoleTail: con.tail()}
 		case <-tick.C:
 			poll()
+			if c.StallTimeout > 0 && time.Since(progress) > c.StallTimeout {
+				cmd.Process.Kill()
+				waitErr = <-done
+				stalled = true
+				loop = false
+			}
 		}
 	}
 	res.Total = time.Since(start)
@@ -225,7 +234,10 @@ func runQEMU(ctx context.Context, c *Config, qemu string, args []string, work st
 	data, err := os.ReadFile(filepath.Join(work, fileStatus))
 	if err != nil {
 		detail := "QEMU exited before the program's exit status was written"
-		if started {
+		switch {
+		case stalled:
+			detail = fmt.Sprintf("no output from the program for %v: the outer VM stopped making progress (an emulator hang?) and was killed", c.StallTimeout)
+		case started:
 			detail = "QEMU exited while the program was running (outer kernel panic or crash?)"
 		}
 		return res, &VMError{Kind: ErrCrashed, Detail: detail, QEMUExit: exitString(waitErr), ConsoleTail: con.tail()}
@@ -260,20 +272,24 @@ type tail struct {
 	buf  [32 << 10]byte
 }
 
-func (t *tail) poll() {
+// poll copies what was appended since the last call and returns how many
+// bytes that was.
+func (t *tail) poll() int64 {
 	f, err := os.Open(t.path)
 	if err != nil {
-		return
+		return 0
 	}
 	defer f.Close()
+	var total int64
 	for {
 		n, err := f.ReadAt(t.buf[:], t.off)
 		if n > 0 {
 			t.w.Write(t.buf[:n])
 			t.off += int64(n)
+			total += int64(n)
 		}
 		if err != nil || n == 0 {
-			return
+			return total
 		}
 	}
 }

@@ -909,3 +909,45 @@ func TestGuestEmulatorFault(t *testing.T) {
 		}
 	}
 }
+
+// TestRunQEMUStall runs a stand-in for QEMU that starts the program and
+// then goes silent: with StallTimeout set, the run is ended and reported as
+// a crash, unless the program's exit status was written before the
+// silence (a VM that hangs while powering off).
+func TestRunQEMUStall(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		status string
+		crash  bool
+	}{
+		{"program wedged", "", true},
+		{"power-off wedged", "exit 3", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			work := t.TempDir()
+			script := `echo 1.0 >"$W/started"; echo line >"$W/stdout"`
+			if tc.status != "" {
+				script += `; echo "` + tc.status + `" >"$W/status"`
+			}
+			script += `; exec sleep 600`
+			var out bytes.Buffer
+			c := &Config{StallTimeout: 300 * time.Millisecond, Stdout: &out, Stderr: io.Discard}
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			res, err := runQEMU(ctx, c, "/bin/sh", []string{"-c", "W=" + shq(work) + "; " + script}, work)
+			if tc.crash {
+				if !errors.Is(err, ErrCrashed) || !strings.Contains(err.Error(), "no output from the program") {
+					t.Fatalf("err = %v, want ErrCrashed saying the program went silent", err)
+				}
+			} else if err != nil || res.ExitCode != 3 {
+				t.Fatalf("res = %+v, err = %v; want the written exit status 3", res, err)
+			}
+			if out.String() != "line\n" {
+				t.Errorf("streamed stdout = %q", out.String())
+			}
+			if ctx.Err() != nil {
+				t.Error("the stall was not detected before the test's own deadline")
+			}
+		})
+	}
+}
