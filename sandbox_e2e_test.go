@@ -174,10 +174,16 @@ func testCommands(ctx context.Context, t *testing.T, sb *Sandbox, cpus int) {
 		}
 		for _, line := range strings.Split(string(res.Stdout), "\n") {
 			if k, v, _ := strings.Cut(line, ":"); strings.TrimSpace(k) == "flags" {
-				for _, f := range strings.Fields(v) {
+				flags := strings.Fields(v)
+				for _, f := range flags {
 					if f == "vmx" || f == "svm" {
 						t.Fatalf("the guest CPU offers %s: %s", f, line)
 					}
+				}
+				// KVM's APIC timer always runs: without ARAT the guest
+				// keeps the PIT as its tick broadcast device.
+				if !slices.Contains(flags, "arat") {
+					t.Errorf("the guest CPU does not offer arat: %s", line)
 				}
 				return
 			}

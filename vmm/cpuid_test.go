@@ -122,6 +122,18 @@ func TestBuildCPUIDHidesNestedVirt(t *testing.T) {
 	}
 }
 
+// TestBuildCPUIDKeepsOnlyARAT checks leaf 6: the always-running APIC timer
+// as KVM offers it, no thermal or power management.
+func TestBuildCPUIDKeepsOnlyARAT(t *testing.T) {
+	for _, eax := range []uint32{0xffffffff, 0} {
+		out := buildCPUID([]cpuidEntry{{Function: 6, EAX: eax, EBX: 1, ECX: 9, EDX: 3}}, 0, 1, false)
+		want := cpuidEntry{Function: 6, EAX: eax & cpuidARAT}
+		if out[0] != want {
+			t.Errorf("leaf 6 from EAX %#x = %+v, want %+v", eax, out[0], want)
+		}
+	}
+}
+
 func TestXSAVEMemoProbesOnce(t *testing.T) {
 	var m xsaveMemo
 	calls := 0

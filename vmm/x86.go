@@ -159,6 +159,7 @@ const (
 	cpuidHTT         = 1 << 28 // leaf 1 EDX
 	cpuidVMX         = 1 << 5  // leaf 1 ECX
 	cpuidSVM         = 1 << 2  // leaf 0x80000001 ECX
+	cpuidARAT        = 1 << 2  // leaf 6 EAX: the APIC timer always runs
 )
 
 // buildCPUID derives vCPU id's CPUID from what KVM supports: APIC IDs,
@@ -202,7 +203,12 @@ func buildCPUID(supported []cpuidEntry, id, n int, tscDeadline bool) []cpuidEntr
 				}
 			}
 		case 0x6:
-			e.EAX, e.EBX, e.ECX, e.EDX = 0, 0, 0, 0 // no thermal/power management
+			// No thermal or power management, but ARAT (EAX bit 2) as KVM
+			// offers it: KVM's local APIC timer never stops in idle. Without
+			// it Linux keeps the PIT as its tick broadcast device, and the
+			// in-kernel PIT's worker thread was seen spinning (soft lockup
+			// of kvm-pit in the emulated KVM host) under a busy guest.
+			e.EAX, e.EBX, e.ECX, e.EDX = e.EAX&cpuidARAT, 0, 0, 0
 		case 0xa:
 			e.EAX, e.EBX, e.ECX, e.EDX = 0, 0, 0, 0 // no PMU
 		case 0xb, 0x1f:
