@@ -56,7 +56,7 @@ func BenchmarkVsQEMU(b *testing.B) {
 	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
 		b.Fatalf("QEMU is needed for the side-by-side run (apt-get install qemu-system-x86): %v", err)
 	}
-	if os.Getenv("GOSANDBOX_IN_KVMHOST") == "1" && os.Getenv("GOSANDBOX_BENCH_SHARED_CACHE") == "" {
+	if os.Getenv(kvmhost.EnvInside) == "1" && os.Getenv("GOSANDBOX_BENCH_SHARED_CACHE") == "" {
 		// In the emulated host the cache directory is the host's, shared
 		// over 9p, and our VMM maps the vmlinux and the initramfs from it
 		// (QEMU reads its copies once): each guest page fault would go

@@ -107,7 +107,7 @@ func TestSandbox(t *testing.T) {
 	t.Run("guest failures", func(t *testing.T) { testGuestFailures(t) })
 	t.Run("no leaks", func(t *testing.T) {
 		n := 50 // on hardware KVM
-		if mode.String() != "hardware" && !mode.Direct() || os.Getenv("GOSANDBOX_IN_KVMHOST") != "" {
+		if mode.String() != "hardware" && !mode.Direct() || os.Getenv(kvmhost.EnvInside) != "" {
 			n = 2 // exact counts make a few boots under emulation enough
 		}
 		testNoLeaks(t, n)

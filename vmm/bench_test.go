@@ -188,7 +188,7 @@ func BenchmarkBootToInit(b *testing.B) {
 	if kvmhost.Delegate(b, kvmhost.WithTimeout(40*time.Minute)) {
 		return
 	}
-	if os.Getenv("GOSANDBOX_IN_KVMHOST") == "1" && os.Getenv("GOSANDBOX_BENCH_SHARED_CACHE") == "" {
+	if os.Getenv(kvmhost.EnvInside) == "1" && os.Getenv("GOSANDBOX_BENCH_SHARED_CACHE") == "" {
 		// In the emulated host the cache directory is the host's, shared
 		// over 9p, where reading the 36 MB vmlinux costs seconds that a
 		// real host's local, warm cache does not (and QEMU's 10 MB
