@@ -83,8 +83,11 @@
 //     program is copied into it.
 //   - QEMU: -M q35 -accel tcg,thread=multi -cpu max -smp 2 -m 4096
 //     -nodefaults -vga none -display none -no-reboot, the console on
-//     ttyS0 (kernel command line "console=ttyS0 quiet loglevel=3 panic=-1
-//     mitigations=off"), virtio-rng for entropy, and three kinds of 9p share:
+//     ttyS0 (kernel command line "console=ttyS0 loglevel=5 panic=-1
+//     softlockup_panic=1 softlockup_all_cpu_backtrace=1 mitigations=off":
+//     a CPU stuck in the outer kernel for 20 s, as QEMU's emulated SVM has
+//     left one, panics it and so ends the run as ErrCrashed, which Delegate
+//     runs again), virtio-rng for entropy, and three kinds of 9p share:
 //     the host's / read-only (tag hostroot), a per-run work directory, and
 //     read-write shares (the user's cache directory by default, so Go's
 //     build cache and the guest kernel cache carry over).

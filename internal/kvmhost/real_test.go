@@ -44,7 +44,7 @@ func TestRunEcho(t *testing.T) {
 	var stdout, stderr bytes.Buffer
 	res, err := RunResult(context.Background(), Config{
 		Program: "/bin/sh",
-		Args:    []string{"-c", `echo hi; echo oops >&2; test -c /dev/kvm || exit 9; test "$GOSANDBOX_IN_KVMHOST" = 1 || exit 8; touch /tmp/w || exit 7; exit 3`},
+		Args:    []string{"-c", `echo hi; echo oops >&2; test -c /dev/kvm || exit 9; test "$GOSANDBOX_IN_KVMHOST" = 1 || exit 8; touch /tmp/w || exit 7; test "$(cat /proc/sys/kernel/softlockup_panic)" = 1 || exit 6; exit 3`},
 		Stdout:  &stdout,
 		Stderr:  &stderr,
 		Timeout: 10 * time.Minute,
@@ -55,7 +55,7 @@ func TestRunEcho(t *testing.T) {
 	}
 	t.Logf("kvmhost: outer VM boot took %v (outer kernel uptime %v), whole run %v, kernel %s", res.Boot, res.GuestUptime, res.Total, res.Kernel)
 	if res.ExitCode != 3 {
-		t.Errorf("exit code = %d, want 3 (9: no /dev/kvm, 8: env not set, 7: /tmp not writable)", res.ExitCode)
+		t.Errorf("exit code = %d, want 3 (9: no /dev/kvm, 8: env not set, 7: /tmp not writable, 6: a soft lockup does not panic the outer kernel)", res.ExitCode)
 	}
 	if stdout.String() != "hi\n" || stderr.String() != "oops\n" {
 		t.Errorf("stdout %q, stderr %q; want \"hi\\n\", \"oops\\n\"", stdout.String(), stderr.String())

@@ -129,6 +129,15 @@ func RunResult(ctx context.Context, cfg Config) (Result, error) {
 // qemuEscape escapes a value for QEMU's comma-separated option syntax.
 func qemuEscape(s string) string { return strings.ReplaceAll(s, ",", ",,") }
 
+// outerCmdline is the outer kernel's command line. A soft lockup (a CPU
+// that has not scheduled for 20 s) panics the outer kernel, which with
+// panic=-1 and -no-reboot ends QEMU, so a run that wedged in QEMU's
+// emulated SVM (seen as a vCPU thread stuck in the outer kernel for
+// good) ends within seconds as ErrCrashed instead of lasting until its
+// timeout. loglevel=5 puts warnings and the lockup's register and stack
+// dumps (every CPU's, for the cause) in the console tail that errors carry.
+const outerCmdline = "console=ttyS0 loglevel=5 panic=-1 softlockup_panic=1 softlockup_all_cpu_backtrace=1 mitigations=off"
+
 // qemuArgs is the outer VM's command line: q35 under multi-threaded TCG
 // with every CPU feature (SVM included), no default devices, the console
 // on stdio, an entropy device, and the 9p shares.
@@ -146,7 +155,7 @@ func qemuArgs(c *Config, kernelImage, initrd, work string, shareTags map[string]
 		"-serial", "chardev:con",
 		"-kernel", kernelImage,
 		"-initrd", initrd,
-		"-append", "console=ttyS0 quiet loglevel=3 panic=-1 mitigations=off",
+		"-append", outerCmdline,
 		"-device", "virtio-rng-pci",
 		"-virtfs", "local,path=/,mount_tag=" + tagHostRoot + ",security_model=none,readonly=on,multidevs=remap",
 		"-virtfs", "local,path=" + qemuEscape(work) + ",mount_tag=" + tagWork + ",security_model=none,multidevs=remap",

@@ -629,7 +629,7 @@ func TestQEMUArgs(t *testing.T) {
 	args := qemuArgs(&c, "/k", "/i", "/tmp/a,b", map[string]string{"/c": "share0"})
 	joined := strings.Join(args, " ")
 	for _, want := range []string{"-smp 3", "-m 1234", "-accel tcg,thread=multi", "-cpu max", "-nodefaults", "-no-reboot",
-		"path=/tmp/a,,b,mount_tag=kvmwork", "path=/c,mount_tag=share0", "mount_tag=hostroot,security_model=none,readonly=on", "virtio-rng-pci", "panic=-1"} {
+		"path=/tmp/a,,b,mount_tag=kvmwork", "path=/c,mount_tag=share0", "mount_tag=hostroot,security_model=none,readonly=on", "virtio-rng-pci", "panic=-1", "softlockup_panic=1"} {
 		if !strings.Contains(joined, want) {
 			t.Errorf("qemu args lack %q: %s", want, joined)
 		}
