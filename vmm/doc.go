@@ -15,7 +15,10 @@
 //
 // LoadLinux boots Linux with the 64-bit boot protocol: the vmlinux ELF
 // segments are mapped copy-on-write from the file (package linuxboot does
-// the parsing and the zero page), the boot vCPU starts in long mode on
+// the parsing and the zero page), and from Start a goroutine populates the
+// kernel image and initramfs with writable host pages while the guest boots
+// (LinuxConfig.Lazy turns that off), so the boot's first touch of each page
+// costs only KVM's own fault; the boot vCPU starts in long mode on
 // identity-mapped page tables, and an MP table describes the vCPUs and the
 // IOAPIC (there is no ACPI). CPUID comes from KVM_GET_SUPPORTED_CPUID with
 // per-vCPU APIC IDs and topology; leaf 0xD (XSAVE) is checked for

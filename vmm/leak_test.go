@@ -32,6 +32,9 @@ func runOneVM(t testing.TB, vcpus int) []string {
 			t.Fatal(err)
 		}
 	}
+	// Close must also wait for the goroutine populating memory (as after
+	// LoadLinux), here still running when the VM stops.
+	vm.populate = []memRange{{0, vm.Memory().Size()}}
 	if err := vm.Start(); err != nil {
 		t.Fatal(err)
 	}

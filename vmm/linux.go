@@ -51,6 +51,16 @@ type LinuxConfig struct {
 	// virtualization cannot run a stock kernel; the check fails fast with a
 	// *HostError instead of a guest that dies in emulation).
 	AllowAnyHost bool
+	// Lazy leaves the kernel image and initramfs to be faulted in by the
+	// guest as it touches them. By default Start populates them with
+	// writable host pages on a goroutine of its own while the guest boots
+	// (see guestmem.Memory.Populate): the boot writes to most of them anyway, and
+	// each first touch then costs KVM's fault alone. In the emulated KVM
+	// host this made New → first output 1.9 s (15%) shorter in paired
+	// boots; it costs about 10 MiB more host memory per VM with the
+	// default kernel (the image's pages the guest never writes, no longer
+	// shared with other VMs through the page cache).
+	Lazy bool
 }
 
 // LoadLinux loads a kernel, its command line and initramfs into guest
@@ -91,8 +101,9 @@ func (vm *VM) LoadLinux(lc LinuxConfig) (*linuxboot.Loaded, error) {
 	var loaded *linuxboot.Loaded
 	switch {
 	case linuxboot.IsELF(head):
-		// Map the segments copy-on-write from the file: no copy, and VMs
-		// booting the same kernel share its page cache.
+		// Map the segments copy-on-write from the file: nothing is
+		// copied before the guest runs (Start's populating goroutine then
+		// makes the private copies the boot would make anyway).
 		cfg.Mapper = vm.mem
 		loaded, err = linuxboot.LoadELF(vm.mem, f, st.Size(), cfg)
 	case linuxboot.IsBzImage(head):
@@ -113,6 +124,12 @@ func (vm *VM) LoadLinux(lc LinuxConfig) (*linuxboot.Loaded, error) {
 	}
 	if err := vm.SetupLongMode(loaded.Entry, loaded.BootParams); err != nil {
 		return nil, err
+	}
+	if !lc.Lazy {
+		vm.populate = []memRange{{loaded.KernelStart, loaded.KernelEnd - loaded.KernelStart}}
+		if loaded.InitrdSize > 0 {
+			vm.populate = append(vm.populate, memRange{loaded.InitrdAddr, loaded.InitrdSize})
+		}
 	}
 	vm.log.Debug("kernel loaded", "entry", fmt.Sprintf("%#x", loaded.Entry), "cmdline", cfg.Cmdline)
 	return loaded, nil

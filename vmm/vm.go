@@ -100,6 +100,8 @@ type VM struct {
 	done       chan struct{} // closed when every vCPU goroutine returned
 	exited     chan struct{} // closed when the exit reason is set
 	wg         sync.WaitGroup
+	populate   []memRange     // guest memory to populate alongside the boot (LoadLinux)
+	bg         sync.WaitGroup // the populating goroutine
 	panicLine  atomic.Pointer[string]
 	poweroff   atomic.Bool
 	panicTimer *time.Timer
@@ -494,6 +496,10 @@ func (vm *VM) Start() error {
 	for _, c := range vm.vcpus {
 		go vm.runVCPU(c)
 	}
+	if len(vm.populate) > 0 {
+		vm.bg.Add(1)
+		go vm.populateMemory(vm.populate)
+	}
 	go func() {
 		vm.wg.Wait()
 		close(vm.done)
@@ -598,6 +604,7 @@ func (vm *VM) Close() error {
 		vm.finish(&Exit{Reason: ExitStopped})
 		<-vm.done
 	}
+	vm.bg.Wait() // before guest memory is unmapped
 	return vm.release()
 }
 

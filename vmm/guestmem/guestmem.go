@@ -37,6 +37,11 @@ var ErrOutOfRange = errors.New("guest memory access out of range")
 // ErrClosed is returned by accessors after Close.
 var ErrClosed = errors.New("guest memory is closed")
 
+// ErrPopulateUnsupported means the host kernel cannot populate memory ahead
+// of use (MADV_POPULATE_WRITE needs Linux 5.14); nothing is wrong, the
+// guest's own accesses fault the pages in instead.
+var ErrPopulateUnsupported = errors.New("guestmem: the host kernel cannot populate memory ahead of use (Linux 5.14 or later can)")
+
 // RangeError reports an access to guest-physical memory that is not backed
 // by a single RAM region.
 type RangeError struct {

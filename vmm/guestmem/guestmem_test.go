@@ -128,3 +128,87 @@ func TestMapFileIsCopyOnWrite(t *testing.T) {
 		t.Fatalf("MapFile past the end: %v", err)
 	}
 }
+
+// resident counts the resident pages of [gpa, gpa+n) (mincore).
+func resident(t *testing.T, m *Memory, gpa, n uint64) int {
+	t.Helper()
+	b, err := m.Slice(gpa, n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	vec := make([]byte, (n+PageSize-1)/PageSize)
+	if err := mincore(b, vec); err != nil {
+		t.Fatal(err)
+	}
+	k := 0
+	for _, v := range vec {
+		k += int(v & 1)
+	}
+	return k
+}
+
+func TestPopulate(t *testing.T) {
+	m, err := New(4 << 20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if got := resident(t, m, 1<<20, 1<<20); got != 0 {
+		t.Fatalf("%d pages resident before anything touched them", got)
+	}
+	// Unaligned ends are rounded out to whole pages.
+	if err := m.Populate(1<<20+100, 16*PageSize-200); errors.Is(err, ErrPopulateUnsupported) {
+		t.Skipf("host kernel: %v", err)
+	} else if err != nil {
+		t.Fatal(err)
+	}
+	if got := resident(t, m, 1<<20, 16*PageSize); got != 16 {
+		t.Errorf("%d of 16 pages resident after Populate", got)
+	}
+	if got := resident(t, m, 1<<20+16*PageSize, PageSize); got != 0 {
+		t.Errorf("Populate went past its range")
+	}
+
+	// A file mapping gets its private copies, with the file's bytes, and
+	// writes still do not reach the file.
+	path := t.TempDir() + "/f"
+	data := make([]byte, 4*PageSize)
+	for i := range data {
+		data[i] = byte(i/PageSize + 1)
+	}
+	if err := os.WriteFile(path, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := m.MapFile(2<<20, f, 0, 4*PageSize); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Populate(2<<20, 4*PageSize); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 4*PageSize)
+	if err := m.ReadAt(got, 2<<20); err != nil || got[0] != 1 || got[3*PageSize] != 4 {
+		t.Fatalf("populated file pages read %d %d (%v), want 1 4", got[0], got[3*PageSize], err)
+	}
+	if err := m.PutUint32(2<<20, 0); err != nil {
+		t.Fatal(err)
+	}
+	if after, _ := os.ReadFile(path); after[0] != 1 {
+		t.Fatal("a guest write reached the file")
+	}
+
+	if err := m.Populate(4<<20-PageSize, 2*PageSize); !errors.Is(err, ErrOutOfRange) {
+		t.Errorf("Populate past the end: %v", err)
+	}
+	if err := m.Populate(1<<63, 1<<63); !errors.Is(err, ErrOutOfRange) {
+		t.Errorf("Populate of a wrapping range: %v", err)
+	}
+	m.Close()
+	if err := m.Populate(0, PageSize); !errors.Is(err, ErrClosed) {
+		t.Errorf("Populate after Close: %v", err)
+	}
+}
