@@ -5,6 +5,7 @@ import (
 	"os"
 	"strings"
 
+	"github.com/gosandbox/sandbox/vmm/guestmem"
 	"github.com/gosandbox/sandbox/vmm/linuxboot"
 )
 
@@ -126,11 +127,37 @@ func (vm *VM) LoadLinux(lc LinuxConfig) (*linuxboot.Loaded, error) {
 		return nil, err
 	}
 	if !lc.Lazy {
-		vm.populate = []memRange{{loaded.KernelStart, loaded.KernelEnd - loaded.KernelStart}}
-		if loaded.InitrdSize > 0 {
-			vm.populate = append(vm.populate, memRange{loaded.InitrdAddr, loaded.InitrdSize})
-		}
+		vm.populate = bootRanges(vm.mem.Regions(), loaded)
 	}
 	vm.log.Debug("kernel loaded", "entry", fmt.Sprintf("%#x", loaded.Entry), "cmdline", cfg.Cmdline)
 	return loaded, nil
+}
+
+// bootRanges is the guest memory a Linux boot writes to (most of) early,
+// in about the order it does: the kernel image (its text is patched at
+// boot), the top of RAM, where memblock allocates top-down (chiefly the
+// page structs, 1/64 of RAM), and the initramfs (unpacked, then freed for
+// reuse). Measured with the default kernel and 512 MiB: all of the image
+// and of the top 16 MiB were resident after the boot.
+func bootRanges(regions []guestmem.Region, l *linuxboot.Loaded) []memRange {
+	r := []memRange{{l.KernelStart, l.KernelEnd - l.KernelStart}}
+	if len(regions) > 0 {
+		last := regions[len(regions)-1]
+		var total uint64
+		for _, g := range regions {
+			total += g.Size
+		}
+		n := min(8<<20+total/64, total/4, last.Size)
+		top := last.GPA + last.Size
+		// The image may reach into a small guest's top.
+		if start := top - n; start >= l.KernelEnd || top <= l.KernelStart {
+			r = append(r, memRange{start, n})
+		} else if top > l.KernelEnd {
+			r = append(r, memRange{l.KernelEnd, top - l.KernelEnd})
+		}
+	}
+	if l.InitrdSize > 0 {
+		r = append(r, memRange{l.InitrdAddr, l.InitrdSize})
+	}
+	return r
 }
