@@ -131,6 +131,11 @@ func Delegate(t testing.TB, opts ...Option) bool {
 		f(&o)
 	}
 	mode, derr := Detect()
+	if mode == Inside {
+		if err := HoldStaticKeys(); err != nil {
+			t.Logf("kvmhost: %v", err)
+		}
+	}
 	if mode.Direct() {
 		t.Logf("kvmhost: mode=%s: running %s here", mode, t.Name())
 		return false

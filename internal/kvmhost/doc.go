@@ -29,6 +29,14 @@
 // is busy. So batch: one parent test per package calls Delegate once and
 // runs many cases as subtests, rather than every small test delegating.
 //
+// Inside the outer VM, Delegate first makes the process hold one idle KVM
+// VM for its whole life (HoldStaticKeys): otherwise booting VMs one after
+// another flips KVM's static keys at every VM, each flip patches the outer
+// kernel's context-switch code, and QEMU's TCG has been seen running the
+// stale code forever (the outer kernel's soft lockups). A soft lockup that
+// happens anyway panics the outer kernel (softlockup_panic=1), which ends
+// the run as ErrCrashed, and Delegate runs the test again (at most twice).
+//
 // Work that needs the network or writes outside the shares belongs before
 // the Delegate call, on the host: the outer VM has loopback only (unless
 // WithNetwork / Config.Network asks for QEMU's user networking), and the

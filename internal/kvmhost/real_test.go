@@ -94,6 +94,17 @@ func TestDelegateKVM(t *testing.T) {
 		t.Error("/dev/kvm is PVM here")
 	}
 	if os.Getenv(EnvInside) == "1" {
+		// Delegate holds a VM for the process (HoldStaticKeys).
+		fds, _ := os.ReadDir("/proc/self/fd")
+		vms := 0
+		for _, e := range fds {
+			if l, _ := os.Readlink("/proc/self/fd/" + e.Name()); l == "anon_inode:kvm-vm" {
+				vms++
+			}
+		}
+		if vms != 1 {
+			t.Errorf("%d KVM VM fds open inside the outer VM, want the 1 HoldStaticKeys keeps", vms)
+		}
 		if _, err := os.Stat("/sys/module/kvm_amd"); err != nil {
 			t.Errorf("inside the outer VM but kvm_amd is not loaded: %v", err)
 		}

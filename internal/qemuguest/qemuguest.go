@@ -135,10 +135,11 @@ type Config struct {
 	// Accel is "kvm" (the default) or "tcg" (software emulation: slow,
 	// but it needs no /dev/kvm, for tests).
 	Accel string
-	// CPU is the -cpu model. "" means "host" with KVM, without XSAVE and
-	// AVX when this host is itself a virtual machine (nested KVM may keep
-	// the guest's XSAVE layout inconsistent, as package vmm explains; it
-	// hides XSAVE there too), and "max" with TCG.
+	// CPU is the -cpu model. "" means "host" with KVM, without a PMU (a
+	// sandbox guest has none either) and, when this host is itself a
+	// virtual machine, without XSAVE and AVX (nested KVM may keep the
+	// guest's XSAVE layout inconsistent, as package vmm explains; it hides
+	// XSAVE there too), and "max" with TCG.
 	CPU string
 	// Hostname and Env are passed to the agent (agentclient.Options).
 	Hostname string
@@ -317,13 +318,13 @@ func defaultCPU(accel string) string {
 		for _, l := range strings.Split(string(b), "\n") {
 			if strings.HasPrefix(l, "flags") {
 				if strings.Contains(" "+l+" ", " hypervisor ") {
-					return "host,xsave=off,avx=off,avx2=off"
+					return "host,xsave=off,avx=off,avx2=off,pmu=off"
 				}
 				break
 			}
 		}
 	}
-	return "host"
+	return "host,pmu=off"
 }
 
 // hostTSCkHz returns the host's TSC rate from /proc/cpuinfo, or 0. Under
