@@ -192,6 +192,10 @@ func runQEMU(ctx context.Context, c *Config, qemu string, args []string, work st
 	}
 	done := make(chan error, 1)
 	go func() { done <- cmd.Wait() }()
+	kill := func() error { // ends QEMU and returns how Wait saw it end
+		cmd.Process.Kill()
+		return <-done
+	}
 
 	out := &tail{path: filepath.Join(work, fileStdout), w: c.Stdout}
 	errOut := &tail{path: filepath.Join(work, fileStderr), w: c.Stderr}
@@ -218,8 +222,7 @@ func runQEMU(ctx context.Context, c *Config, qemu string, args []string, work st
 		case waitErr = <-done:
 			loop = false
 		case <-ctx.Done():
-			cmd.Process.Kill()
-			werr := <-done
+			werr := kill()
 			res.Total = time.Since(start)
 			poll()
 			stage := "before the program started"
@@ -231,8 +234,7 @@ func runQEMU(ctx context.Context, c *Config, qemu string, args []string, work st
 		case <-tick.C:
 			poll()
 			if c.StallTimeout > 0 && time.Since(progress) > c.StallTimeout {
-				cmd.Process.Kill()
-				waitErr = <-done
+				waitErr = kill()
 				stalled = true
 				loop = false
 			}
