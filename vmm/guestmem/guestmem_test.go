@@ -91,19 +91,7 @@ func TestMapFileIsCopyOnWrite(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer m.Close()
-	path := t.TempDir() + "/f"
-	data := make([]byte, 3*PageSize)
-	for i := range data {
-		data[i] = byte(i / PageSize * 7)
-	}
-	if err := os.WriteFile(path, data, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
+	path, f := pagedFile(t, 3, func(page int) byte { return byte(page * 7) })
 	if err := m.MapFile(0x4000, f, PageSize, 2*PageSize); err != nil {
 		t.Fatal(err)
 	}
@@ -127,6 +115,26 @@ func TestMapFileIsCopyOnWrite(t *testing.T) {
 	if err := m.MapFile(1<<20-PageSize, f, 0, 2*PageSize); !errors.Is(err, ErrOutOfRange) {
 		t.Fatalf("MapFile past the end: %v", err)
 	}
+}
+
+// pagedFile writes a file of n pages, every byte of page i being val(i),
+// and opens it (closed at the end of the test).
+func pagedFile(t *testing.T, n int, val func(page int) byte) (string, *os.File) {
+	t.Helper()
+	path := t.TempDir() + "/f"
+	data := make([]byte, n*PageSize)
+	for i := range data {
+		data[i] = val(i / PageSize)
+	}
+	if err := os.WriteFile(path, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return path, f
 }
 
 // resident counts the resident pages of [gpa, gpa+n) (mincore).
@@ -171,19 +179,7 @@ func TestPopulate(t *testing.T) {
 
 	// A file mapping gets its private copies, with the file's bytes, and
 	// writes still do not reach the file.
-	path := t.TempDir() + "/f"
-	data := make([]byte, 4*PageSize)
-	for i := range data {
-		data[i] = byte(i/PageSize + 1)
-	}
-	if err := os.WriteFile(path, data, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
+	path, f := pagedFile(t, 4, func(page int) byte { return byte(page + 1) })
 	if err := m.MapFile(2<<20, f, 0, 4*PageSize); err != nil {
 		t.Fatal(err)
 	}
