@@ -23,6 +23,8 @@ import (
 	"time"
 
 	"github.com/gosandbox/sandbox"
+	"github.com/gosandbox/sandbox/internal/kvmhost"
+	"github.com/gosandbox/sandbox/vmm"
 )
 
 // BootTimeout bounds New's boot.
@@ -44,6 +46,7 @@ func New(t testing.TB, opts ...sandbox.Option) *sandbox.Sandbox {
 		}
 		t.Skipf("sandboxtest: this host cannot run sandboxes: %v", err)
 	default:
+		markEmulatorFault(t, err, con.tail(1<<20))
 		t.Fatalf("sandboxtest: %v\nguest console:\n%s", err, con.tail(4096))
 	}
 	t.Cleanup(func() {
@@ -52,6 +55,23 @@ func New(t testing.TB, opts ...sandbox.Option) *sandbox.Sandbox {
 		}
 	})
 	return sb
+}
+
+// markEmulatorFault logs kvmhost.EmulatorFaultMarker when this test runs
+// inside the project's emulated KVM host (never on a user's host) and the
+// boot failed the way only QEMU's emulated SVM makes guests fail, so that
+// the project's CI runs the test again rather than failing on the
+// emulator.
+func markEmulatorFault(t testing.TB, err error, console string) {
+	if mode, _ := kvmhost.Detect(); mode != kvmhost.Inside {
+		return
+	}
+	var ge *vmm.GuestError
+	if why, ok := kvmhost.GuestEmulatorFault(console); ok {
+		t.Logf("%s %s", kvmhost.EmulatorFaultMarker, why)
+	} else if errors.As(err, &ge) && ge.Exit.Reason == vmm.ExitTripleFault {
+		t.Logf("%s the guest triple-faulted inside the emulated KVM host while booting", kvmhost.EmulatorFaultMarker)
+	}
 }
 
 // syncBuffer is a bytes.Buffer safe for the console's writer goroutine.

@@ -22,6 +22,9 @@ func TestNewRunsAndCleansUp(t *testing.T) {
 			t.Fatalf("%+v, %v", res, err)
 		}
 	})
+	if sb == nil {
+		return // the subtest failed to boot it and said why
+	}
 	// The subtest's cleanup closed it.
 	if _, err := sb.Run(context.Background(), "true"); err == nil {
 		t.Fatal("the sandbox still runs commands after its test ended")
