@@ -41,10 +41,9 @@ func newE2E(t *testing.T, opts ...Option) (*Sandbox, *bytes.Buffer) {
 	if err != nil {
 		if mode, _ := kvmhost.Detect(); mode == kvmhost.Inside {
 			var ge *vmm.GuestError
-			if why, ok := kvmhost.GuestEmulatorFault(con.String()); ok {
+			tripleFault := errors.As(err, &ge) && ge.Exit.Reason == vmm.ExitTripleFault
+			if why, ok := kvmhost.BootEmulatorFault(con.String(), tripleFault); ok {
 				t.Logf("%s %s", kvmhost.EmulatorFaultMarker, why)
-			} else if errors.As(err, &ge) && ge.Exit.Reason == vmm.ExitTripleFault {
-				t.Logf("%s the guest triple-faulted inside the emulated KVM host while booting", kvmhost.EmulatorFaultMarker)
 			}
 		}
 		t.Fatalf("New: %v\nconsole:\n%s", err, con.String())

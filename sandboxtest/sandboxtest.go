@@ -67,10 +67,9 @@ func markEmulatorFault(t testing.TB, err error, console string) {
 		return
 	}
 	var ge *vmm.GuestError
-	if why, ok := kvmhost.GuestEmulatorFault(console); ok {
+	tripleFault := errors.As(err, &ge) && ge.Exit.Reason == vmm.ExitTripleFault
+	if why, ok := kvmhost.BootEmulatorFault(console, tripleFault); ok {
 		t.Logf("%s %s", kvmhost.EmulatorFaultMarker, why)
-	} else if errors.As(err, &ge) && ge.Exit.Reason == vmm.ExitTripleFault {
-		t.Logf("%s the guest triple-faulted inside the emulated KVM host while booting", kvmhost.EmulatorFaultMarker)
 	}
 }
 

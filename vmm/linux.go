@@ -57,11 +57,11 @@ type LinuxConfig struct {
 	// initramfs with writable host pages on a goroutine of its own while
 	// the guest boots (see guestmem.Memory.Populate and bootRanges): the
 	// boot writes to most of them anyway, and each first touch then costs
-	// KVM's fault alone. In the emulated KVM
-	// host this made New → first output 1.9 s (15%) shorter in paired
-	// boots; it costs about 10 MiB more host memory per VM with the
-	// default kernel (the image's pages the guest never writes, no longer
-	// shared with other VMs through the page cache).
+	// KVM's fault alone. In the emulated KVM host this made New → first
+	// output 1.9 s (15%) shorter in paired boots; it costs about 10 MiB
+	// more host memory per VM with the default kernel (the image's pages
+	// the guest never writes, no longer shared with other VMs through the
+	// page cache).
 	Lazy bool
 }
 

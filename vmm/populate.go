@@ -21,10 +21,9 @@ const populateChunk = 1 << 20
 // mapped from its file). It runs on its own goroutine, from Start until it
 // is done or the VM stops; Close waits for it before unmapping memory.
 //
-// LoadLinux asks for the kernel image and the initramfs: a boot writes to
-// most of them anyway (the kernel patches its own text, and the initramfs
-// is unpacked and then freed for reuse), so populating them costs little
-// memory the guest would not have used.
+// LoadLinux asks for bootRanges: the kernel image, the top of RAM and the
+// initramfs, which a boot writes to (most of) anyway, so populating them
+// costs little memory the guest would not have used.
 func (vm *VM) populateMemory(ranges []memRange) {
 	defer vm.bg.Done()
 	start := time.Now()

@@ -99,6 +99,21 @@ func GuestEmulatorFault(console string) (string, bool) {
 	return "", false
 }
 
+// BootEmulatorFault reports whether a guest boot that failed inside the
+// emulated host failed on the emulator, and why: a console showing a fault
+// GuestEmulatorFault knows, or a triple fault (tripleFault, which the
+// caller reads from the VMM's exit) that only QEMU's emulated SVM causes
+// while a stock kernel boots. Tests log EmulatorFaultMarker with the reason.
+func BootEmulatorFault(console string, tripleFault bool) (string, bool) {
+	if why, ok := GuestEmulatorFault(console); ok {
+		return why, true
+	}
+	if tripleFault {
+		return "the guest triple-faulted inside the emulated KVM host while booting", true
+	}
+	return "", false
+}
+
 // Delegate makes a test that needs real KVM run where real KVM is.
 //
 // With hardware KVM, or inside the outer VM already, it logs the mode and

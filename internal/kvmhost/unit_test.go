@@ -951,3 +951,15 @@ func TestRunQEMUStall(t *testing.T) {
 		})
 	}
 }
+
+func TestBootEmulatorFault(t *testing.T) {
+	if _, ok := BootEmulatorFault("[ 1.0] ok\n", false); ok {
+		t.Error("a clean console and no triple fault counted as an emulator fault")
+	}
+	if why, ok := BootEmulatorFault("[ 1.0] ok\n", true); !ok || !strings.Contains(why, "triple-faulted") {
+		t.Errorf("a triple fault: %q, %v", why, ok)
+	}
+	if why, ok := BootEmulatorFault("Oops: int3\n", false); !ok || !strings.Contains(why, "int3") {
+		t.Errorf("a stale int3: %q, %v", why, ok)
+	}
+}
